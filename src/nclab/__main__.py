@@ -1,0 +1,3 @@
+from nclab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Input checking and conversion at the public boundary.
+
+Every public function of nclab accepts numpy arrays or torch tensors (any device) and
+turns them into float64 torch tensors here, with one clear error per kind of bad input.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+Array = "np.ndarray | torch.Tensor"
+
+
+class DegenerateError(ValueError):
+    """A metric is undefined for this input (e.g. all class means coincide)."""
+
+
+def to_tensor(x, name: str, *, device=None) -> torch.Tensor:
+    """Return ``x`` as a torch tensor (no copy when it already is one), or raise TypeError."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: got a numpy array of Python objects; pass a numeric array")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, (list, tuple)):
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: could not read as a numeric array ({exc})") from None
+    else:
+        raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+    if device is not None:
+        t = t.to(device)
+    return t
+
+
+def as_float64(x, name: str, *, ndim: int | tuple[int, ...], device=None) -> torch.Tensor:
+    """Float64 tensor of the given rank with only finite values, else a clear error."""
+    t = to_tensor(x, name, device=device)
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.ndim not in ndims:
+        want = " or ".join(f"{k}-D" for k in ndims)
+        raise ValueError(f"{name}: expected a {want} array, got shape {tuple(t.shape)}")
+    t = t.to(torch.float64)
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf; remove or fix those entries first")
+    return t
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def as_labels(labels, n: int, *, num_classes: int | None = None, device=None) -> tuple[torch.Tensor, int]:
+    """Integer labels (n,) in 0..K-1 with every class present; returns (labels, K)."""
+    y = to_tensor(labels, "labels", device=device)
+    if y.dtype not in _INT_DTYPES:
+        raise TypeError(
+            f"labels: expected integer class indices, got dtype {y.dtype}; "
+            "convert with labels.astype(int) / labels.long()"
+        )
+    if y.ndim != 1:
+        raise ValueError(f"labels: expected shape (N,), got {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"labels: has {y.shape[0]} entries but features has {n} rows; they must match")
+    if n == 0:
+        raise ValueError("features: no samples")
+    y = y.long()
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is None:
+        num_classes = hi + 1
+    elif not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels: values must lie in 0..{num_classes - 1}, found range {lo}..{hi}")
+    if num_classes < 2:
+        raise ValueError("labels: need at least 2 classes to measure collapse")
+    counts = torch.bincount(y, minlength=num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"labels: class(es) {empty[:10]} have no samples; relabel to 0..K-1 without gaps "
+            "or drop those classes"
+        )
+    return y, int(num_classes)
+
+
+def check_classifier(weights, bias, K: int, d: int, *, device=None):
+    """Validate W (K, d) and b (K,); returns float64 tensors (bias may be None)."""
+    W = as_float64(weights, "weights", ndim=2, device=device)
+    if W.shape != (K, d):
+        raise ValueError(
+            f"weights: expected shape (K, d) = ({K}, {d}) to match labels and features, "
+            f"got {tuple(W.shape)}"
+        )
+    b = None
+    if bias is not None:
+        b = as_float64(bias, "bias", ndim=1, device=device)
+        if b.shape != (K,):
+            raise ValueError(f"bias: expected shape (K,) = ({K},), got {tuple(b.shape)}")
+    return W, b

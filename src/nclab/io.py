@@ -1,0 +1,73 @@
+"""File input/output: atomic writes and reading feature files."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+FEATURE_KEYS = ("features", "labels", "weights", "bias")
+
+
+def load_features(path) -> dict[str, np.ndarray]:
+    """Read ``features`` (N, d), ``labels`` (N,), optional ``weights``, ``bias`` from .npz or .pt.
+
+    Raises ValueError with a one-line message for a missing file, an unknown suffix, or
+    missing keys (shapes and values are checked by :func:`nclab.measure`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"FILE: {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as exc:  # zipfile/pickle errors differ by numpy version
+            raise ValueError(f"FILE: could not read {path} as .npz ({exc})") from None
+    elif suffix in (".pt", ".pth"):
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"FILE: could not read {path} as a torch file ({exc})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"FILE: {path} must hold a dict with keys {FEATURE_KEYS[:2]}")
+        data = dict(obj)
+    else:
+        raise ValueError(f"FILE: expected a .npz or .pt file, got {path.name}")
+    missing = [k for k in ("features", "labels") if k not in data]
+    if missing:
+        raise ValueError(f"FILE: {path.name} lacks key(s) {missing}; it has {sorted(data)}")
+    return {k: data[k] for k in FEATURE_KEYS if k in data}

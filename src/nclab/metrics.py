@@ -1,0 +1,325 @@
+"""Neural-collapse metrics (THEORY.md §4): pure functions, float64 inside, floats out.
+
+Layout: features are rows, ``H`` of shape (N, d); ``labels`` (N,) integers in 0..K-1;
+classifier ``W`` (K, d), ``b`` (K,). numpy arrays and torch tensors on any device are
+accepted; everything is computed in float64 on the input's device.
+
+Conventions of :func:`measure` (default, ``preset=None``)
+----------------------------------------------------------
+=================  ====================================================================
+key                definition
+=================  ====================================================================
+nc1                (1/K) Tr(Σ_W Σ_B⁺), Σ_W = (1/N) Σ_i (h_i-μ_{y_i})(h_i-μ_{y_i})ᵀ,
+                   Σ_B = (1/K) Σ_k (μ_k-μ_G)(μ_k-μ_G)ᵀ, μ_G = mean of the K class means
+nc1_trace          Tr Σ_W / Tr Σ_B
+cdnv               mean over k<k' of (σ_k² + σ_k'²) / (2‖μ_k - μ_k'‖²), σ_k² = mean ‖h-μ_k‖²
+nc2_etf            ‖G̃/‖G̃‖_F - E_K‖_F, G̃ = M̃ M̃ᵀ the Gram of the centred means
+nc2_of             ‖G/‖G‖_F - O_K‖_F,  G = M Mᵀ the Gram of the uncentred means
+nc2w_etf, nc2w_of  the same with W Wᵀ (weights are not centred: a bias absorbs their mean)
+nc3_etf            ‖W/‖W‖_F - M̃/‖M̃‖_F‖_F   (alignment with the centred means)
+nc3_of             ‖W/‖W‖_F - M/‖M‖_F‖_F    (alignment with the uncentred means)
+nc3_duality_etf    ‖W M̃ᵀ/‖W M̃ᵀ‖_F - E_K‖_F  (Zhu et al. 2021)
+nc3_duality_of     ‖W Mᵀ/‖W Mᵀ‖_F - O_K‖_F
+nc4                fraction of samples with argmin_k ‖h-μ_k‖ ≠ argmax_k (W h + b)_k
+=================  ====================================================================
+
+(M, M̃ are K x d here: row k is μ_k or μ_k - μ_G; the math of THEORY.md writes their
+transposes.) E_K, O_K: :func:`nclab.frames.simplex_etf`, :func:`nclab.frames.orthogonal_frame`.
+
+Presets of other papers' conventions (``measure(..., preset=...)``):
+
+* ``"papyan2020"`` (Papyan, Han & Donoho 2020): ``nc1`` = Tr(Σ_W Σ_B⁺) (no 1/K);
+  ``equinorm_features`` / ``equinorm_weights`` = std/mean of ‖μ_k - μ_G‖ / ‖w_k‖;
+  ``equiangular_features`` / ``equiangular_weights`` = std over k≠k' of the cosines;
+  ``maxangle_features`` / ``maxangle_weights`` = mean over k≠k' of |cos + 1/(K-1)|;
+  ``nc3`` = ‖W/‖W‖_F - M̃/‖M̃‖_F‖_F² (squared); ``nc4`` as above.
+* ``"zhu2021"`` (Zhu et al. 2021): ``nc1`` as default; ``nc2_features`` = nc2_etf;
+  ``nc2_weights`` = nc2w_etf; ``nc3`` = nc3_duality_etf; ``nc4``.
+
+Numerics: Σ_B has rank ≤ K-1, so Σ_B⁺ is never formed from the d x d matrix. The K x K
+Gram G̃ = V Λ Vᵀ is eigen-decomposed in float64, eigenvalues λ_j > ``rtol`` · max λ are
+kept (default ``rtol = 1e-10``: eigenvalue errors are ~K·eps·max λ), U = M̃ᵀ V Λ^{-1/2}
+spans the between-class directions and NC1 = Σ_j (u_jᵀ Σ_W u_j) / λ_j, where
+u_jᵀ Σ_W u_j is the mean square of the class-centred features projected on u_j. This is
+a sum of non-negative terms: NC1 is never negative and is exactly 0 at exact collapse.
+
+The underscored ``*_t`` functions are the batched kernels shared with the UFM engine and
+:mod:`nclab.stats`: they take float64 tensors with optional leading batch dimensions
+(features (..., N, d), means (..., K, d)) and return tensors, NaN where undefined.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from nclab._validate import DegenerateError, as_float64, as_labels, check_classifier
+from nclab.frames import orthogonal_frame, simplex_etf
+
+#: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
+RTOL = 1e-10
+
+PRESETS = ("papyan2020", "zhu2021")
+
+
+# ----------------------------------------------------------------------------- kernels
+def class_means_t(H: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means (..., K, d) and counts (K,) of features H (..., N, d), labels y (N,)."""
+    counts = torch.bincount(y, minlength=K).to(H.dtype)
+    sums = torch.zeros(*H.shape[:-2], K, H.shape[-1], dtype=H.dtype, device=H.device)
+    sums.index_add_(-2, y, H)
+    return sums / counts[:, None], counts
+
+
+def centre(M: torch.Tensor) -> torch.Tensor:
+    """M̃ = M - μ_G with μ_G the mean of the K rows (class means), shape (..., K, d)."""
+    return M - M.mean(dim=-2, keepdim=True)
+
+
+def between_class_basis_t(Mc: torch.Tensor, rtol: float = RTOL):
+    """Orthonormal basis of the span of the centred means, and Σ_B's scaled eigenvalues.
+
+    Args:
+        Mc: centred means M̃ (..., K, d).
+    Returns:
+        U (..., d, K) with u_j = M̃ᵀ v_j / sqrt(λ_j) for kept eigenvalues, 0 columns
+        otherwise; inv_lam (..., K) = 1/λ_j for kept eigenvalues else 0, where
+        λ_j are the eigenvalues of M̃ M̃ᵀ (= K · eigenvalues of Σ_B). NaN where M̃ = 0.
+    """
+    lam, V = torch.linalg.eigh(Mc @ Mc.mT)
+    lam_max = lam.amax(dim=-1, keepdim=True)
+    keep = lam > rtol * lam_max
+    safe = torch.where(keep, lam, torch.ones_like(lam))
+    inv_lam = torch.where(keep, 1.0 / safe, torch.zeros_like(lam))
+    U = Mc.mT @ (V * inv_lam.sqrt()[..., None, :])
+    degenerate = (lam_max <= 0)
+    inv_lam = torch.where(degenerate, torch.full_like(inv_lam, math.nan), inv_lam)
+    return U, inv_lam
+
+
+def nc1_t(Mc: torch.Tensor, within_quadratic: Callable[[torch.Tensor], torch.Tensor], rtol: float = RTOL):
+    """NC1 = (1/K) Tr(Σ_W Σ_B⁺) = Σ_j (u_jᵀ Σ_W u_j)/λ_j, shape (...).
+
+    ``within_quadratic(U)`` returns diag(Uᵀ Σ_W U), shape (..., K): from the features
+    (mean square of class-centred projections) or from a streamed Σ_W.
+    """
+    U, inv_lam = between_class_basis_t(Mc, rtol)
+    return (within_quadratic(U) * inv_lam).sum(-1)
+
+
+def within_projection(H: torch.Tensor, y: torch.Tensor, M: torch.Tensor):
+    """diag(Uᵀ Σ_W U) from in-memory features: mean over samples of ((h - μ_y)ᵀU)²."""
+    def quadratic(U):
+        P = H @ U - (M @ U)[..., y, :]
+        return P.square().mean(dim=-2)
+    return quadratic
+
+
+def class_variances_t(H: torch.Tensor, y: torch.Tensor, M: torch.Tensor, counts: torch.Tensor):
+    """σ_k² = mean over class k of ‖h - μ_k‖², shape (..., K)."""
+    sq = (H - M[..., y, :]).square().sum(-1)
+    out = torch.zeros(*H.shape[:-2], len(counts), dtype=H.dtype, device=H.device)
+    out.index_add_(-1, y, sq)
+    return out / counts
+
+
+def nc1_trace_t(class_var: torch.Tensor, counts: torch.Tensor, Mc: torch.Tensor):
+    """Tr Σ_W / Tr Σ_B, with Tr Σ_W = Σ_k n_k σ_k² / N and Tr Σ_B = ‖M̃‖²/K."""
+    tr_w = (class_var * counts).sum(-1) / counts.sum()
+    tr_b = Mc.square().sum((-2, -1)) / Mc.shape[-2]
+    return tr_w / tr_b
+
+
+def cdnv_t(class_var: torch.Tensor, M: torch.Tensor):
+    """Mean over pairs k<k' of (σ_k² + σ_k'²) / (2‖μ_k - μ_k'‖²), shape (...)."""
+    K = M.shape[-2]
+    i, j = torch.triu_indices(K, K, offset=1, device=M.device)
+    dist2 = (M[..., i, :] - M[..., j, :]).square().sum(-1)
+    return ((class_var[..., i] + class_var[..., j]) / (2 * dist2)).mean(-1)
+
+
+def frame_distance_t(G: torch.Tensor, frame: torch.Tensor):
+    """‖G/‖G‖_F - frame‖_F for K x K matrices G (..., K, K)."""
+    return (G / torch.linalg.matrix_norm(G)[..., None, None] - frame).flatten(-2).norm(dim=-1)
+
+
+def alignment_t(W: torch.Tensor, M: torch.Tensor):
+    """‖W/‖W‖_F - M/‖M‖_F‖_F for (..., K, d) tensors."""
+    Wn = W / torch.linalg.matrix_norm(W)[..., None, None]
+    Mn = M / torch.linalg.matrix_norm(M)[..., None, None]
+    return (Wn - Mn).flatten(-2).norm(dim=-1)
+
+
+def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
+    """Fraction of samples where nearest class mean ≠ argmax(W h + b), shape (...)."""
+    ncc = torch.cdist(H, M).argmin(-1)
+    logits = H @ W.mT
+    if b is not None:
+        logits = logits + b[..., None, :]
+    return (ncc != logits.argmax(-1)).to(H.dtype).mean(-1)
+
+
+def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL) -> dict[str, torch.Tensor]:
+    """All default metrics as tensors of shape (...) for features H (..., N, d)."""
+    M, counts = class_means_t(H, y, K)
+    return summary_metrics_t(M, counts, class_variances_t(H, y, M, counts),
+                             within_projection(H, y, M), W, rtol) | (
+        {"nc4": nc4_t(H, M, W, b)} if W is not None else {})
+
+
+def summary_metrics_t(M, counts, class_var, within_quadratic, W=None, rtol: float = RTOL):
+    """Every metric except NC4 from class statistics (shared by in-memory and streaming).
+
+    Args:
+        M: class means (..., K, d); counts: (K,); class_var: σ_k² (..., K);
+        within_quadratic: U -> diag(Uᵀ Σ_W U) (see :func:`nc1_t`), or None to skip nc1;
+        W: weights (..., K, d) or None.
+    """
+    K = M.shape[-2]
+    E, O = simplex_etf(K, device=M.device), orthogonal_frame(K, device=M.device)
+    Mc = centre(M)
+    out = {}
+    if within_quadratic is not None:
+        out["nc1"] = nc1_t(Mc, within_quadratic, rtol)
+    out["nc1_trace"] = nc1_trace_t(class_var, counts, Mc)
+    out["cdnv"] = cdnv_t(class_var, M)
+    out["nc2_etf"] = frame_distance_t(Mc @ Mc.mT, E)
+    out["nc2_of"] = frame_distance_t(M @ M.mT, O)
+    if W is not None:
+        WWt = W @ W.mT
+        out["nc2w_etf"] = frame_distance_t(WWt, E)
+        out["nc2w_of"] = frame_distance_t(WWt, O)
+        out["nc3_etf"] = alignment_t(W, Mc)
+        out["nc3_of"] = alignment_t(W, M)
+        out["nc3_duality_etf"] = frame_distance_t(W @ Mc.mT, E)
+        out["nc3_duality_of"] = frame_distance_t(W @ M.mT, O)
+    return out
+
+
+# ------------------------------------------------------------------ public functions
+def _prepare(features, labels, num_classes=None):
+    H = as_float64(features, "features", ndim=2)
+    y, K = as_labels(labels, H.shape[0], num_classes=num_classes, device=H.device)
+    return H, y, K
+
+
+def _finite(name: str, value: torch.Tensor) -> float:
+    v = float(value)
+    if not math.isfinite(v):
+        raise DegenerateError(
+            f"{name} is undefined for these inputs (the class means coincide, or a "
+            "Gram/weight matrix is zero); nothing has collapsed to a frame to measure"
+        )
+    return v
+
+
+def class_means(features, labels, num_classes: int | None = None) -> torch.Tensor:
+    """Class means μ_k as a float64 tensor (K, d), for any label order and class sizes."""
+    H, y, K = _prepare(features, labels, num_classes)
+    return class_means_t(H, y, K)[0]
+
+
+def nc1(features, labels, num_classes=None, rtol: float = RTOL) -> float:
+    """NC1 = (1/K) Tr(Σ_W Σ_B⁺) (see the module docstring for the numerics)."""
+    H, y, K = _prepare(features, labels, num_classes)
+    M, _ = class_means_t(H, y, K)
+    return _finite("nc1", nc1_t(centre(M), within_projection(H, y, M), rtol))
+
+
+def nc1_trace(features, labels, num_classes=None) -> float:
+    """Tr Σ_W / Tr Σ_B (no pseudo-inverse)."""
+    H, y, K = _prepare(features, labels, num_classes)
+    M, counts = class_means_t(H, y, K)
+    return _finite("nc1_trace", nc1_trace_t(class_variances_t(H, y, M, counts), counts, centre(M)))
+
+
+def cdnv(features, labels, num_classes=None) -> float:
+    """Class-distance normalised variance (Galanti et al. 2022), averaged over pairs."""
+    H, y, K = _prepare(features, labels, num_classes)
+    M, counts = class_means_t(H, y, K)
+    return _finite("cdnv", cdnv_t(class_variances_t(H, y, M, counts), M))
+
+
+def nc2(features, labels, frame: str = "etf", num_classes=None) -> float:
+    """Distance of the normalised class-mean Gram to a frame: "etf" (centred) or "of" (uncentred)."""
+    H, y, K = _prepare(features, labels, num_classes)
+    M, _ = class_means_t(H, y, K)
+    if frame == "etf":
+        Mc = centre(M)
+        return _finite("nc2_etf", frame_distance_t(Mc @ Mc.mT, simplex_etf(K, device=H.device)))
+    if frame == "of":
+        return _finite("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
+    raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
+
+
+def nc2_weights(weights, frame: str = "etf") -> float:
+    """Distance of the normalised W Wᵀ (K x K) to the simplex ETF or orthogonal frame."""
+    W = as_float64(weights, "weights", ndim=2)
+    K = W.shape[0]
+    targets = {"etf": simplex_etf, "of": orthogonal_frame}
+    if frame not in targets:
+        raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
+    if K < 2:
+        raise ValueError("weights: need at least 2 rows (classes)")
+    return _finite(f"nc2w_{frame}", frame_distance_t(W @ W.mT, targets[frame](K, device=W.device)))
+
+
+def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
+    """Fraction of samples where the nearest-class-mean rule disagrees with argmax(Wh + b)."""
+    H, y, K = _prepare(features, labels, num_classes)
+    W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
+    return float(nc4_t(H, class_means_t(H, y, K)[0], W, b))
+
+
+def measure(features, labels, weights=None, bias=None, preset: str | None = None,
+            num_classes: int | None = None, rtol: float = RTOL) -> dict[str, float]:
+    """Every collapse metric of THEORY.md §4 for features from anywhere.
+
+    Args:
+        features: (N, d) array or tensor; labels: (N,) integers in 0..K-1 (any order,
+        any class sizes, every class present); weights: optional (K, d); bias: optional
+        (K,); preset: None, "papyan2020" or "zhu2021" (see the module docstring);
+        num_classes: K when it is not max(labels) + 1.
+    Returns:
+        A flat dict of Python floats. Without a preset: nc1, nc1_trace, cdnv, nc2_etf,
+        nc2_of and, with weights, nc2w_etf, nc2w_of, nc3_etf, nc3_of, nc3_duality_etf,
+        nc3_duality_of, nc4.
+    Raises:
+        TypeError / ValueError naming the bad argument; DegenerateError (a ValueError)
+        when a metric is undefined (all class means equal, zero weights).
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset: expected None or one of {PRESETS}, got {preset!r}")
+    H, y, K = _prepare(features, labels, num_classes)
+    W = b = None
+    if weights is not None:
+        W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
+    elif bias is not None:
+        raise ValueError("bias: given without weights; pass weights=W (K, d) as well")
+    if preset in ("papyan2020",) and W is None:
+        raise ValueError(f"weights: preset {preset!r} needs the classifier weights")
+    raw = collapse_metrics_t(H, y, K, W, b, rtol)
+    if preset == "papyan2020":
+        raw = _papyan2020(raw, H, y, K, W)
+    elif preset == "zhu2021":
+        keep = {"nc1": "nc1", "nc2_etf": "nc2_features", "nc2w_etf": "nc2_weights",
+                "nc3_duality_etf": "nc3", "nc4": "nc4"}
+        raw = {new: raw[old] for old, new in keep.items() if old in raw}
+    return {k: _finite(k, v) for k, v in raw.items()}
+
+
+def _papyan2020(raw, H, y, K, W):
+    M, _ = class_means_t(H, y, K)
+    Mc = centre(M)
+    out = {"nc1": raw["nc1"] * K}
+    for name, X in (("features", Mc), ("weights", W)):
+        norms = X.norm(dim=-1)
+        out[f"equinorm_{name}"] = norms.std() / norms.mean()
+        cos = (X @ X.mT) / (norms[:, None] * norms[None, :])
+        off = cos[~torch.eye(K, dtype=torch.bool, device=X.device)]
+        out[f"equiangular_{name}"] = off.std()
+        out[f"maxangle_{name}"] = (off + 1.0 / (K - 1)).abs().mean()
+    out["nc3"] = raw["nc3_etf"] ** 2
+    out["nc4"] = raw["nc4"]
+    return out
