@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from nclab._validate import DegenerateError, as_float64, as_labels, check_classifier
+from nclab._validate import DegenerateError, as_float64, as_labels, as_real, check_classifier
 from nclab.frames import orthogonal_frame, simplex_etf
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
@@ -64,11 +64,23 @@ PRESETS = ("papyan2020", "zhu2021")
 
 
 # ----------------------------------------------------------------------------- kernels
+#: rows of features converted to float64 at a time (keeps temporaries in cache and
+#: never copies a large float32 array whole)
+CHUNK = 8192
+
+
+def _row_chunks(N: int):
+    return [slice(i, min(i + CHUNK, N)) for i in range(0, N, CHUNK)]
+
+
 def class_means_t(H: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means (..., K, d) and counts (K,) of features H (..., N, d), labels y (N,)."""
-    counts = torch.bincount(y, minlength=K).to(H.dtype)
-    sums = torch.zeros(*H.shape[:-2], K, H.shape[-1], dtype=H.dtype, device=H.device)
-    sums.index_add_(-2, y, H)
+    """Class means (..., K, d) in float64 and counts (K,) of features H (..., N, d), labels y (N,)."""
+    counts = torch.bincount(y, minlength=K).to(torch.float64)
+    sums = torch.zeros(*H.shape[:-2], K, H.shape[-1], dtype=torch.float64, device=H.device)
+    classes = torch.arange(K, device=H.device)
+    for rows in _row_chunks(H.shape[-2]):
+        onehot_t = (y[rows] == classes[:, None]).to(torch.float64)  # (K, rows): a matmul beats index_add_
+        sums += onehot_t @ H[..., rows, :].to(torch.float64)
     return sums / counts[:, None], counts
 
 
@@ -93,35 +105,41 @@ def between_class_basis_t(Mc: torch.Tensor, rtol: float = RTOL):
     safe = torch.where(keep, lam, torch.ones_like(lam))
     inv_lam = torch.where(keep, 1.0 / safe, torch.zeros_like(lam))
     U = Mc.mT @ (V * inv_lam.sqrt()[..., None, :])
-    degenerate = (lam_max <= 0)
-    inv_lam = torch.where(degenerate, torch.full_like(inv_lam, math.nan), inv_lam)
+    inv_lam = torch.where(lam_max <= 0, torch.full_like(inv_lam, math.nan), inv_lam)
     return U, inv_lam
 
 
-def nc1_t(Mc: torch.Tensor, within_quadratic: Callable[[torch.Tensor], torch.Tensor], rtol: float = RTOL):
+def within_class_pass_t(H, y, M, U, W=None, b=None):
+    """One pass over the class-centred features D = H - M[y], chunk by chunk.
+
+    Returns:
+        class_var σ_k² = mean over class k of ‖h - μ_k‖², shape (..., K);
+        quad = diag(Uᵀ Σ_W U) = mean over samples of (Dᵀu_j)², shape (..., K);
+        nc4 (..., ) when W (..., K, d) is given, else None.
+    """
+    K, N = M.shape[-2], H.shape[-2]
+    sq = torch.zeros(*M.shape[:-1], dtype=torch.float64, device=H.device)
+    quad = torch.zeros(*M.shape[:-2], U.shape[-1], dtype=torch.float64, device=H.device)
+    mismatches = torch.zeros(M.shape[:-2], dtype=torch.float64, device=H.device) if W is not None else None
+    for rows in _row_chunks(N):
+        Hs, ys = H[..., rows, :].to(torch.float64), y[rows]
+        D = Hs - M[..., ys, :]
+        sq.index_add_(-1, ys, torch.linalg.vector_norm(D, dim=-1).square())
+        quad += (D @ U).square().sum(-2)
+        if W is not None:
+            mismatches += nc4_t(Hs, M, W, b) * Hs.shape[-2]
+    counts = torch.bincount(y, minlength=K).to(torch.float64)
+    nc4 = None if W is None else mismatches / N
+    return sq / counts, quad / N, nc4
+
+
+def nc1_t(quad: torch.Tensor, inv_lam: torch.Tensor):
     """NC1 = (1/K) Tr(Σ_W Σ_B⁺) = Σ_j (u_jᵀ Σ_W u_j)/λ_j, shape (...).
 
-    ``within_quadratic(U)`` returns diag(Uᵀ Σ_W U), shape (..., K): from the features
-    (mean square of class-centred projections) or from a streamed Σ_W.
+    ``quad`` = diag(Uᵀ Σ_W U) (..., K) for the basis U of :func:`between_class_basis_t`,
+    from the features (:func:`within_class_pass_t`) or from a streamed Σ_W.
     """
-    U, inv_lam = between_class_basis_t(Mc, rtol)
-    return (within_quadratic(U) * inv_lam).sum(-1)
-
-
-def within_projection(H: torch.Tensor, y: torch.Tensor, M: torch.Tensor):
-    """diag(Uᵀ Σ_W U) from in-memory features: mean over samples of ((h - μ_y)ᵀU)²."""
-    def quadratic(U):
-        P = H @ U - (M @ U)[..., y, :]
-        return P.square().mean(dim=-2)
-    return quadratic
-
-
-def class_variances_t(H: torch.Tensor, y: torch.Tensor, M: torch.Tensor, counts: torch.Tensor):
-    """σ_k² = mean over class k of ‖h - μ_k‖², shape (..., K)."""
-    sq = (H - M[..., y, :]).square().sum(-1)
-    out = torch.zeros(*H.shape[:-2], len(counts), dtype=H.dtype, device=H.device)
-    out.index_add_(-1, y, sq)
-    return out / counts
+    return (quad * inv_lam).sum(-1)
 
 
 def nc1_trace_t(class_var: torch.Tensor, counts: torch.Tensor, Mc: torch.Tensor):
@@ -152,36 +170,42 @@ def alignment_t(W: torch.Tensor, M: torch.Tensor):
 
 
 def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
-    """Fraction of samples where nearest class mean ≠ argmax(W h + b), shape (...)."""
-    ncc = torch.cdist(H, M).argmin(-1)
-    logits = H @ W.mT
+    """Fraction of samples where nearest class mean ≠ argmax(W h + b), shape (...).
+
+    The nearest mean is argmin_k ‖μ_k‖² - 2 μ_kᵀh (= argmin ‖h - μ_k‖²), computed in
+    float64 with one matmul for both rules.
+    """
+    K = M.shape[-2]
+    scores = H @ torch.cat([M, W], dim=-2).mT
+    ncc = (M.square().sum(-1)[..., None, :] - 2 * scores[..., :K]).argmin(-1)
+    logits = scores[..., K:]
     if b is not None:
         logits = logits + b[..., None, :]
-    return (ncc != logits.argmax(-1)).to(H.dtype).mean(-1)
+    return (ncc != logits.argmax(-1)).to(torch.float64).mean(-1)
 
 
 def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL) -> dict[str, torch.Tensor]:
-    """All default metrics as tensors of shape (...) for features H (..., N, d)."""
+    """All default metrics as float64 tensors of shape (...) for features H (..., N, d)."""
     M, counts = class_means_t(H, y, K)
-    return summary_metrics_t(M, counts, class_variances_t(H, y, M, counts),
-                             within_projection(H, y, M), W, rtol) | (
-        {"nc4": nc4_t(H, M, W, b)} if W is not None else {})
+    U, inv_lam = between_class_basis_t(centre(M), rtol)
+    class_var, quad, nc4 = within_class_pass_t(H, y, M, U, W, b)
+    out = summary_metrics_t(M, counts, class_var, nc1_t(quad, inv_lam), W)
+    if nc4 is not None:
+        out["nc4"] = nc4
+    return out
 
 
-def summary_metrics_t(M, counts, class_var, within_quadratic, W=None, rtol: float = RTOL):
+def summary_metrics_t(M, counts, class_var, nc1=None, W=None):
     """Every metric except NC4 from class statistics (shared by in-memory and streaming).
 
     Args:
         M: class means (..., K, d); counts: (K,); class_var: σ_k² (..., K);
-        within_quadratic: U -> diag(Uᵀ Σ_W U) (see :func:`nc1_t`), or None to skip nc1;
-        W: weights (..., K, d) or None.
+        nc1: the value of :func:`nc1_t`, or None to leave it out; W: (..., K, d) or None.
     """
     K = M.shape[-2]
     E, O = simplex_etf(K, device=M.device), orthogonal_frame(K, device=M.device)
     Mc = centre(M)
-    out = {}
-    if within_quadratic is not None:
-        out["nc1"] = nc1_t(Mc, within_quadratic, rtol)
+    out = {} if nc1 is None else {"nc1": nc1}
     out["nc1_trace"] = nc1_trace_t(class_var, counts, Mc)
     out["cdnv"] = cdnv_t(class_var, M)
     out["nc2_etf"] = frame_distance_t(Mc @ Mc.mT, E)
@@ -199,7 +223,7 @@ def summary_metrics_t(M, counts, class_var, within_quadratic, W=None, rtol: floa
 
 # ------------------------------------------------------------------ public functions
 def _prepare(features, labels, num_classes=None):
-    H = as_float64(features, "features", ndim=2)
+    H = as_real(features, "features", ndim=2)
     y, K = as_labels(labels, H.shape[0], num_classes=num_classes, device=H.device)
     return H, y, K
 
@@ -222,23 +246,17 @@ def class_means(features, labels, num_classes: int | None = None) -> torch.Tenso
 
 def nc1(features, labels, num_classes=None, rtol: float = RTOL) -> float:
     """NC1 = (1/K) Tr(Σ_W Σ_B⁺) (see the module docstring for the numerics)."""
-    H, y, K = _prepare(features, labels, num_classes)
-    M, _ = class_means_t(H, y, K)
-    return _finite("nc1", nc1_t(centre(M), within_projection(H, y, M), rtol))
+    return measure(features, labels, num_classes=num_classes, rtol=rtol)["nc1"]
 
 
 def nc1_trace(features, labels, num_classes=None) -> float:
     """Tr Σ_W / Tr Σ_B (no pseudo-inverse)."""
-    H, y, K = _prepare(features, labels, num_classes)
-    M, counts = class_means_t(H, y, K)
-    return _finite("nc1_trace", nc1_trace_t(class_variances_t(H, y, M, counts), counts, centre(M)))
+    return measure(features, labels, num_classes=num_classes)["nc1_trace"]
 
 
 def cdnv(features, labels, num_classes=None) -> float:
     """Class-distance normalised variance (Galanti et al. 2022), averaged over pairs."""
-    H, y, K = _prepare(features, labels, num_classes)
-    M, counts = class_means_t(H, y, K)
-    return _finite("cdnv", cdnv_t(class_variances_t(H, y, M, counts), M))
+    return measure(features, labels, num_classes=num_classes)["cdnv"]
 
 
 def nc2(features, labels, frame: str = "etf", num_classes=None) -> float:
@@ -267,9 +285,7 @@ def nc2_weights(weights, frame: str = "etf") -> float:
 
 def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
     """Fraction of samples where the nearest-class-mean rule disagrees with argmax(Wh + b)."""
-    H, y, K = _prepare(features, labels, num_classes)
-    W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
-    return float(nc4_t(H, class_means_t(H, y, K)[0], W, b))
+    return measure(features, labels, weights, bias, num_classes=num_classes)["nc4"]
 
 
 def measure(features, labels, weights=None, bias=None, preset: str | None = None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from nclab._validate import DegenerateError, as_float64, check_classifier, to_tensor
-from nclab.metrics import RTOL, nc4_t, summary_metrics_t
+from nclab.metrics import RTOL, between_class_basis_t, centre, nc1_t, nc4_t, summary_metrics_t
 
 
 class ClassStats:
@@ -132,11 +132,12 @@ class ClassStats:
         W = None
         if weights is not None:
             W, _ = check_classifier(weights, None, self.num_classes, self.dim, device=self.counts.device)
-        quadratic = None
+        nc1 = None
         if self.full:
-            cov = self.within_covariance
-            quadratic = lambda U: torch.einsum("...dr,de,...er->...r", U, cov, U)  # noqa: E731
-        raw = summary_metrics_t(self.means, self.counts, self.m2 / self.counts, quadratic, W, rtol)
+            U, inv_lam = between_class_basis_t(centre(self.means), rtol)
+            quad = torch.einsum("dr,de,er->r", U, self.within_covariance, U)  # diag(Uᵀ Σ_W U)
+            nc1 = nc1_t(quad, inv_lam)
+        raw = summary_metrics_t(self.means, self.counts, self.m2 / self.counts, nc1, W)
         out = {}
         for k, v in raw.items():
             out[k] = float(v)

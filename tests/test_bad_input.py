@@ -1,0 +1,86 @@
+"""Every bad input raises a clear ValueError/TypeError; nothing returns NaN silently."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from nclab import measure
+from nclab.metrics import nc2_weights
+
+finite = st.floats(-1e3, 1e3, allow_nan=False)
+
+
+def _good(K=3, d=4, n=3):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(K), n)
+    return rng.standard_normal((K * n, d)) + 3 * np.eye(K, d)[y], y, rng.standard_normal((K, d))
+
+
+def _check(call):
+    """Either a finite result or a clear error; never a NaN."""
+    try:
+        out = call()
+    except (ValueError, TypeError) as exc:
+        assert str(exc) and len(str(exc).splitlines()) == 1
+        return
+    assert all(math.isfinite(v) for v in out.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 8), st.integers(1, 5)), elements=finite),
+       st.lists(st.integers(-2, 4), min_size=1, max_size=8))
+def test_random_inputs_never_return_nan(H, labels):
+    _check(lambda: measure(H, np.array(labels)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.nan, np.inf, -np.inf]), st.integers(0, 8), st.sampled_from(["H", "W", "b"]))
+def test_non_finite_values_are_named(bad, where, which):
+    H, y, W = _good()
+    b = np.zeros(3)
+    target = {"H": H, "W": W, "b": b}[which]
+    target.flat[where % target.size] = bad
+    with pytest.raises(ValueError, match={"H": "features", "W": "weights", "b": "bias"}[which]):
+        measure(H, y, W, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(labels=np.array([0, 1, 2] * 3, dtype=float)), "labels: expected integer"),
+    (dict(labels=np.array([0, 1, 3] * 3)), "class"),           # class 2 has no samples
+    (dict(labels=np.array([0, 1, -1] * 3)), "labels: values"),
+    (dict(labels=np.array([0, 1, 2] * 2)), "must match"),
+    (dict(labels=np.zeros(9, dtype=int)), "at least 2 classes"),
+    (dict(weights=np.zeros((2, 4))), "weights: expected shape"),
+    (dict(weights=np.zeros((3, 5))), "weights: expected shape"),
+    (dict(bias=np.zeros(4)), "bias: expected shape"),
+    (dict(features=np.zeros((9, 4, 1))), "features: expected a 2-D"),
+    (dict(features="abc"), "features: expected a numpy"),
+    (dict(features=np.array([[True]] * 9)), "features: expected real"),
+    (dict(preset="nope"), "preset"),
+    (dict(weights=np.zeros((3, 4))), "undefined"),             # zero weights
+])
+def test_specific_bad_inputs(kwargs, match):
+    H, y, W = _good()
+    args = dict(features=H, labels=y, weights=W, bias=None) | kwargs
+    with pytest.raises((ValueError, TypeError), match=match):
+        measure(**args)
+
+
+def test_bias_without_weights_and_zero_weight_frames():
+    H, y, _ = _good()
+    with pytest.raises(ValueError, match="bias: given without weights"):
+        measure(H, y, bias=np.zeros(3))
+    with pytest.raises(ValueError, match="undefined"):
+        nc2_weights(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="frame"):
+        nc2_weights(np.ones((3, 4)), frame="square")
+
+
+def test_torch_inputs_validated_too():
+    H, y, W = _good()
+    with pytest.raises(TypeError, match="labels"):
+        measure(torch.tensor(H), torch.tensor(y, dtype=torch.float32))

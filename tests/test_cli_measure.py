@@ -1,0 +1,74 @@
+"""`nclab measure FILE`: readable table, --json, one-line errors with exit status 2."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nclab import collapsed_configuration, measure
+from nclab.cli import main
+
+
+@pytest.fixture
+def feature_file(tmp_path):
+    H, y, W = collapsed_configuration(4, 10, 20, noise=0.1, seed=0)
+    path = tmp_path / "feats.npz"
+    np.savez(path, features=H.numpy(), labels=y.numpy(), weights=W.numpy(), bias=np.zeros(4))
+    return path, measure(H, y, W, np.zeros(4))
+
+
+def test_json_output_equals_library(feature_file, capsys):
+    path, ref = feature_file
+    assert main(["measure", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == ref
+
+
+def test_table_output_and_pt_files(feature_file, tmp_path, capsys):
+    path, ref = feature_file
+    with np.load(path) as z:
+        torch.save({k: torch.from_numpy(z[k]) for k in z.files}, tmp_path / "f.pt")
+    assert main(["measure", str(tmp_path / "f.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "N=80, d=10, K=4" in out
+    for k in ref:
+        assert k in out
+
+
+def test_example_and_make_example(tmp_path, capsys):
+    assert main(["measure", "--example"]) == 0
+    assert "nc1" in capsys.readouterr().out
+    assert main(["make-example", str(tmp_path / "ex.npz"), "--K", "3", "--d", "5"]) == 0
+    assert main(["measure", str(tmp_path / "ex.npz"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (dict(features=np.zeros((4, 2))), "lacks key"),
+    (dict(features=np.ones((4, 2)), labels=np.array([0, 1, 2])), "must match"),
+    (dict(features=np.ones((4, 2)), labels=np.array([0, 1, 5, 0]), ), "class"),
+    (dict(features=np.full((4, 2), np.nan), labels=np.array([0, 1, 0, 1])), "NaN"),
+    (dict(features=np.ones((4, 2)), labels=np.array([0, 1, 0, 1]), weights=np.ones((3, 2))), "weights"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **content)
+    assert main(["measure", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_and_wrong_files(tmp_path, capsys):
+    assert main(["measure", str(tmp_path / "none.npz")]) == 2
+    (tmp_path / "x.txt").write_text("hi")
+    assert main(["measure", str(tmp_path / "x.txt")]) == 2
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert main(["measure", str(tmp_path / "broken.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and ".npz or .pt" in err and "could not read" in err
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "nclab", "measure", "--example", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["nc4"] == 0.0

@@ -1,0 +1,208 @@
+"""Metrics against hand-built cases with known answers, a plain reference, and invariances."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nclab
+from nclab import collapsed_configuration, measure, orthogonal_frame, simplex_etf
+from nclab import metrics as M
+
+ETF_OF_DISTANCE = lambda K: math.sqrt(2 - 2 * math.sqrt((K - 1) / K))  # noqa: E731
+
+
+def reference_metrics(H, y, W=None, b=None):
+    """Plain float64 numpy reference, written the way existing NC code does it."""
+    H = np.asarray(H, dtype=np.float64)
+    y = np.asarray(y)
+    K = int(y.max()) + 1
+    N, d = H.shape
+    means = np.stack([H[y == k].mean(0) for k in range(K)])
+    mu_G = means.mean(0)
+    Sw = np.zeros((d, d))
+    for k in range(K):
+        D = H[y == k] - means[k]
+        Sw += D.T @ D
+    Sw /= N
+    Mc = means - mu_G
+    Sb = Mc.T @ Mc / K
+    # safe cut-off: Σ_B's non-zero eigenvalues are far above 1e-8 of the largest here
+    nc1 = np.trace(Sw @ np.linalg.pinv(Sb, rcond=1e-8, hermitian=True)) / K
+    var = np.array([((H[y == k] - means[k]) ** 2).sum(1).mean() for k in range(K)])
+    pairs = [(i, j) for i in range(K) for j in range(i + 1, K)]
+    cdnv = np.mean([(var[i] + var[j]) / (2 * np.sum((means[i] - means[j]) ** 2)) for i, j in pairs])
+
+    def fdist(G, F):
+        return np.linalg.norm(G / np.linalg.norm(G) - F)
+
+    E = (np.eye(K) - 1 / K) / np.sqrt(K - 1)
+    O = np.eye(K) / np.sqrt(K)
+    out = dict(nc1=nc1, nc1_trace=np.trace(Sw) / np.trace(Sb), cdnv=cdnv,
+               nc2_etf=fdist(Mc @ Mc.T, E), nc2_of=fdist(means @ means.T, O))
+    if W is not None:
+        W = np.asarray(W, dtype=np.float64)
+        logits = H @ W.T + (0 if b is None else np.asarray(b))
+        ncc = np.argmin(((H[:, None, :] - means[None]) ** 2).sum(-1), 1)
+        out.update(
+            nc2w_etf=fdist(W @ W.T, E), nc2w_of=fdist(W @ W.T, O),
+            nc3_etf=np.linalg.norm(W / np.linalg.norm(W) - Mc / np.linalg.norm(Mc)),
+            nc3_of=np.linalg.norm(W / np.linalg.norm(W) - means / np.linalg.norm(means)),
+            nc3_duality_etf=fdist(W @ Mc.T, E), nc3_duality_of=fdist(W @ means.T, O),
+            nc4=np.mean(ncc != logits.argmax(1)),
+        )
+    return out
+
+
+@pytest.mark.parametrize("K", [2, 4, 10])
+def test_frames_have_unit_norm_and_right_structure(K):
+    E, O = simplex_etf(K), orthogonal_frame(K)
+    assert torch.linalg.matrix_norm(E) == pytest.approx(1, abs=1e-15)
+    assert torch.linalg.matrix_norm(O) == pytest.approx(1, abs=1e-15)
+    assert torch.allclose(E.sum(0), torch.zeros(K, dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(E @ E * math.sqrt(K - 1), E, atol=1e-14)  # scaled projector
+
+
+@pytest.mark.parametrize("K", [3, 4, 7])
+def test_exact_etf(K):
+    H, y, W = collapsed_configuration(K, 2 * K, 5, geometry="etf", seed=K)
+    r = measure(H, y, W)
+    # float64 class means are exact up to rounding of the sum: 0 to ~1e-30
+    assert 0.0 <= r["nc1"] < 1e-28 and 0.0 <= r["nc1_trace"] < 1e-28 and 0.0 <= r["cdnv"] < 1e-28
+    for key in ("nc2_etf", "nc2w_etf", "nc3_etf", "nc3_of", "nc3_duality_etf"):
+        assert r[key] < 1e-13, key
+    assert r["nc2_of"] == pytest.approx(ETF_OF_DISTANCE(K), abs=1e-13)
+    assert r["nc2w_of"] == pytest.approx(ETF_OF_DISTANCE(K), abs=1e-13)
+    assert r["nc4"] == 0.0
+    assert ETF_OF_DISTANCE(4) == pytest.approx(0.5176, abs=1e-4)
+
+
+@pytest.mark.parametrize("K", [2, 4, 6])
+def test_exact_orthogonal_frame(K):
+    H, y, W = collapsed_configuration(K, K + 3, 4, geometry="of", seed=1)
+    r = measure(H, y, W)
+    assert 0.0 <= r["nc1"] < 1e-28
+    # an OF centred is an ETF: both frame distances vanish
+    for key in ("nc2_of", "nc2_etf", "nc2w_of", "nc3_of", "nc3_duality_of", "nc3_duality_etf"):
+        assert r[key] < 1e-13, key
+    # the weights are uncentred: an OF is not an ETF, and W is not aligned with M̃
+    assert r["nc2w_etf"] == pytest.approx(ETF_OF_DISTANCE(K), abs=1e-13)
+    assert r["nc3_etf"] > 0.1
+
+
+def test_collapsed_float32_gives_exact_zero_and_never_negative():
+    H, y, W = collapsed_configuration(5, 12, 30, geometry="etf", scale=3.7, seed=2, dtype=torch.float32)
+    assert H.dtype == torch.float32
+    r = measure(H, y, W)
+    assert r["nc1"] == 0.0 and r["nc1_trace"] == 0.0
+    for noise in (1e-12, 1e-8, 1e-3):
+        Hn, yn, _ = collapsed_configuration(5, 12, 30, noise=noise, seed=3, dtype=torch.float32)
+        v = M.nc1(Hn, yn)
+        assert v >= 0.0
+
+
+def test_nc1_tiny_at_near_collapse_is_accurate():
+    """Far below the d x d pinv's default cut-off, NC1 still matches the exact value."""
+    K, d, n, s = 4, 20, 50, 1e-12
+    H, y, W = collapsed_configuration(K, d, n, geometry="of", seed=0)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(H.shape) * s
+    noise -= np.stack([noise[y.numpy() == k].mean(0) for k in range(K)])[y.numpy()]  # keep the means
+    r = M.nc1(H.numpy() + noise, y)
+    ref = reference_metrics(H.numpy() + noise, y.numpy())["nc1"]
+    assert r == pytest.approx(ref, rel=1e-6)
+    assert 1e-26 < r < 1e-22
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_features_match_plain_reference(seed):
+    rng = np.random.default_rng(seed)
+    K, d = rng.integers(2, 8), rng.integers(3, 30)
+    counts = rng.integers(2, 20, size=K)
+    y = rng.permutation(np.repeat(np.arange(K), counts))
+    H = rng.standard_normal((len(y), d)) + rng.standard_normal((K, d))[y]
+    W, b = rng.standard_normal((K, d)), rng.standard_normal(K)
+    ours, ref = measure(H, y, W, b), reference_metrics(H, y, W, b)
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert ours[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-15), k
+
+
+def test_imbalanced_means_use_mean_of_class_means():
+    H = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    y = np.array([0, 0, 0, 1])
+    # μ_G = (0 + 2)/2 = 1, not the sample mean 0.5: Tr Σ_B = ((1)² + (1)²)/2 = 1
+    assert M.nc1_trace(H + np.array([0, 1.0]) * y[:, None], y) == 0.0
+    r = measure(np.array([[0.0], [0.2], [-0.2], [2.0]]), y, num_classes=2)
+    assert r["nc1_trace"] == pytest.approx((0.08 / 4) / 1.0)
+
+
+def test_invariances():
+    rng = np.random.default_rng(5)
+    K, d = 5, 16
+    y = np.repeat(np.arange(K), 7)
+    H = rng.standard_normal((len(y), d)) + 2 * rng.standard_normal((K, d))[y]
+    W, b = rng.standard_normal((K, d)), 0.1 * rng.standard_normal(K)
+    base = measure(H, y, W, b)
+    perm = rng.permutation(len(y))
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    for name, args in {
+        "permutation": (H[perm], y[perm], W, b),
+        "rotation": (H @ Q, y, W @ Q, b),
+        "scaling": (3.5 * H, y, 0.2 * W, b),
+    }.items():
+        # scaling H by a and W by b scales logits by ab: argmax unchanged only with b scaled too
+        if name == "scaling":
+            args = (3.5 * H, y, 0.2 * W, 0.7 * b)
+        got = measure(*args)
+        for k in base:
+            assert got[k] == pytest.approx(base[k], rel=1e-9, abs=1e-12), (name, k)
+
+
+def test_torch_and_numpy_inputs_agree_and_return_floats():
+    H, y, W = collapsed_configuration(4, 8, 10, noise=0.3, seed=9)
+    a = measure(H, y, W)
+    b = measure(H.numpy(), y.numpy(), W.numpy())
+    assert a == b
+    assert all(type(v) is float for v in a.values())
+
+
+def test_presets():
+    H, y, W = collapsed_configuration(4, 8, 10, noise=0.1, seed=4)
+    base = measure(H, y, W)
+    pap = measure(H, y, W, preset="papyan2020")
+    assert pap["nc1"] == pytest.approx(4 * base["nc1"], rel=1e-14)
+    assert pap["nc3"] == pytest.approx(base["nc3_etf"] ** 2, rel=1e-14)
+    assert pap["equinorm_weights"] < 1e-14 and pap["maxangle_weights"] < 1e-14
+    zhu = measure(H, y, W, preset="zhu2021")
+    assert zhu == {"nc1": base["nc1"], "nc2_features": base["nc2_etf"],
+                   "nc2_weights": base["nc2w_etf"], "nc3": base["nc3_duality_etf"], "nc4": base["nc4"]}
+    with pytest.raises(ValueError, match="preset"):
+        measure(H, y, W, preset="papyan")
+
+
+def test_nc4_counts_disagreements():
+    H = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    y = np.array([0, 0, 1, 1])
+    W = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert M.nc4(H, y, W) == 0.0
+    assert M.nc4(H, y, W, bias=np.array([0.0, 10.0])) == 0.5  # bias sends class 0 to 1
+
+
+def test_degenerate_features_raise_clear_error():
+    H = np.zeros((6, 3))
+    y = np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(nclab.DegenerateError, match="undefined"):
+        measure(H, y)
+
+
+def test_batched_kernels_equal_single_problems():
+    gens = [collapsed_configuration(3, 6, 5, noise=0.2, seed=s) for s in range(3)]
+    H = torch.stack([g[0] for g in gens])
+    W = torch.stack([g[2] for g in gens])
+    y = gens[0][1]
+    batched = M.collapse_metrics_t(H, y, 3, W)
+    for i, (Hi, yi, Wi) in enumerate(gens):
+        single = measure(Hi, yi, Wi)
+        for k, v in single.items():
+            assert float(batched[k][i]) == pytest.approx(v, rel=1e-12, abs=1e-15), k
