@@ -81,6 +81,28 @@ def _cmd_measure(args):
         print(f"  {k:<{width}}  {v:.6e}")
 
 
+def _register_theory(sub):
+    p = sub.add_parser(
+        "theory",
+        help="exact global optimum of a UFM: c, thresholds, t*, f*, predicted geometry",
+        description="The exact optimum of the bias-free (or unregularised-bias) MSE UFM of any "
+        "depth (THEORY.md §3). One λ per factor, H1 FIRST and the classifier last: "
+        "--lam λ_H λ_W for the plain UFM, --lam λ_H1 λ_W1 λ_W2 for the extended UFM.",
+    )
+    p.add_argument("--K", type=int, required=True, help="number of classes")
+    p.add_argument("--n", type=int, required=True, help="samples per class")
+    p.add_argument("--lam", type=float, nargs="+", required=True, metavar="λ",
+                   help="one λ per factor, H1 first (at least 2)")
+    p.add_argument("--bias", action="store_true", help="with an unregularised classifier bias")
+    p.set_defaults(func=_cmd_theory)
+
+
+def _cmd_theory(args):
+    from nclab.theory import format_report
+
+    print(format_report(args.K, args.n, tuple(args.lam), bias=args.bias))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nclab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -92,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():
     """The ``register(subparsers)`` function of every part of nclab, in help order."""
-    return (_register_measure,)
+    return (_register_measure, _register_theory)
 
 
 def _version():
