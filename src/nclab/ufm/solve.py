@@ -1,0 +1,330 @@
+"""The batched plain-GD solver with theory and collapse metrics at every logged step."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nclab import theory
+from nclab.metrics import collapse_metrics_t
+from nclab.ufm.engine import NumpyOps, Program, TorchOps, as_float, initial_parameters, smoothness_estimate
+from nclab.ufm.model import UFM
+
+#: metrics recorded for every feature level (keys of nclab.metrics.collapse_metrics_t)
+LEVEL_METRICS = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3_etf", "nc3_of",
+                 "nc3_duality_etf", "nc3_duality_of")
+
+
+class DivergenceError(RuntimeError):
+    """Gradient descent diverged (NaN/Inf or a million-fold growth of the objective)."""
+
+
+def optimal_objective(model: UFM, lams=None, *, strict: bool = True) -> float | None:
+    """The exact global minimum f* when THEORY.md §3 knows it, else None.
+
+    Known: MSE without bias or with an unregularised bias, any depth with σ = identity,
+    and the extended (L = 2) ReLU model (same value as linear, §3.4), for balanced
+    classes; any class sizes for the linear models. With some λ = 0 the infimum is 0
+    (not always attained). Deeper ReLU models and cross-entropy have no closed form: None.
+    The theorems need every width >= K (K - 1 with a bias): narrower models raise a
+    ValueError naming the width, or give None with ``strict=False`` (as :func:`solve` does).
+    """
+    lams = tuple(model.lams if lams is None else lams)
+    if model.loss != "mse" or model.bias == "reg":
+        return None
+    if model.activation == "relu" and model.L > 2:
+        return None
+    try:
+        model.check_theorem_width()
+    except ValueError:
+        if strict:
+            raise
+        return None
+    if min(lams) == 0:
+        return 0.0
+    bias = model.bias == "free"
+    if model.balanced:
+        return theory.f_star(model.K, model.class_counts[0], lams, bias=bias)
+    if model.activation == "relu" and model.L > 1:
+        return None
+    return theory.f_star_imbalanced(model.class_counts, lams, bias=bias)
+
+
+@dataclass
+class Result:
+    """What :func:`solve` returns.
+
+    Attributes:
+        model: the UFM; lams: (B, L+1) λ of each problem (H1 first); seeds: (B,).
+        f_star: (B,) exact optimum or NaN where unknown.
+        history: "iteration" (T,) and, for every other key, (T, B) arrays: objective,
+            fit, reg, gap (objective - f*), and "<level>.<metric>" for level H1..HL.
+        params: final parameters, float64 numpy arrays with leading axis B.
+        iterations: iterations run; seconds: wall time of the loop; stopped_early: bool.
+    """
+
+    model: UFM
+    lams: np.ndarray
+    seeds: np.ndarray
+    f_star: np.ndarray
+    history: dict[str, np.ndarray]
+    params: dict[str, np.ndarray]
+    iterations: int
+    seconds: float
+    stopped_early: bool = False
+    settings: dict = field(default_factory=dict)
+
+    def final(self, key: str) -> np.ndarray:
+        """Last logged value of ``key`` for every problem, shape (B,)."""
+        return self.history[key][-1]
+
+    def rows(self, problem: int = 0) -> list[dict]:
+        """The history of one problem as a list of dicts (one per logged iteration)."""
+        keys = [k for k in self.history if k != "iteration"]
+        return [{"iteration": int(it), **{k: float(self.history[k][t, problem]) for k in keys}}
+                for t, it in enumerate(self.history["iteration"])]
+
+
+def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,), lams=None,
+          init_std=0.1, init: dict | None = None, dtype: str = "float64", device: str = "cpu",
+          log_every: int = 100, metrics: bool = True, tol: float | None = None,
+          backend: str = "auto", progress=None, check_every: int = 100) -> Result:
+    """Plain full-batch gradient descent on B independent problems at once.
+
+    Args:
+        model: the UFM (structure, and λ unless ``lams`` is given).
+        steps: iterations; lr: step size η > 0; momentum: heavy-ball μ in [0, 1).
+        seeds: one initialisation seed per problem (B = len(seeds), broadcast with
+            ``lams`` rows and ``init_std``); lams: (B, L+1) per-problem λ, H1 first.
+        init_std: std of the i.i.d. Gaussian initialisation (scalar or (B,)).
+        init: given initial parameters instead (dict of arrays, leading axis B or none).
+        dtype: "float64" (default; the theory checks need it) or "float32".
+        device: "cpu" or "cuda"; backend: "numpy", "torch" or "auto" (numpy for one
+            small problem on a CPU, where per-call overhead dominates; torch otherwise).
+        log_every: record objective, gap and metrics every this many iterations (and
+            at the start and the end); metrics: also compute NC metrics per level.
+        tol: stop early once every problem's relative gap |f - f*| / f* < tol.
+        progress: None/False, True (a tqdm bar), or a callable(iteration, result_so_far).
+        check_every: test for divergence this often between logs.
+    Raises:
+        ValueError for bad arguments, DivergenceError (naming η and a stable step size
+        from a smoothness estimate) when the run diverges.
+    """
+    _check_args(steps, lr, momentum, log_every, dtype, device, backend, tol)
+    if init is not None:
+        _check_init(model, init)
+    B, seeds, lam_arr, init_std = _broadcast_batch(model, seeds, lams, init_std, init)
+    ops = _pick_backend(backend, device, B, model)
+    np_dtype, t_dtype = np.dtype(dtype), getattr(torch, dtype)
+    prog = Program(model, lam_arr, ops, np_dtype if ops is NumpyOps else t_dtype, device)
+    P0 = init if init is not None else initial_parameters(model, seeds, init_std)
+    P = {k: _to_backend(v, B, ops, np_dtype, t_dtype, device) for k, v in P0.items()}
+    f_star = np.array([_nan_if_none(optimal_objective(model, row, strict=False)) for row in lam_arr])
+    y = torch.as_tensor(model.labels(), device=device if ops is TorchOps else "cpu")
+
+    recorder = _Recorder(prog, f_star, y, metrics)
+    V = {k: v * 0 for k, v in P.items()} if momentum else None
+    bar = _progress_bar(progress, steps)
+    start, stopped, it = time.perf_counter(), False, 0
+    P_init = {k: v * 1 for k, v in P.items()}  # a copy (steps are in place), for the smoothness estimate
+    first = recorder.log(0, P)
+    initial_objective = np.maximum(first, 1e-300)
+    _check_finite(first, initial_objective, prog, P_init, lr, 0)
+    for it in range(1, steps + 1):
+        if V is None:
+            prog.step(P, lr)
+        else:
+            G = prog.gradients(P)
+            for k in P:
+                V[k] = momentum * V[k] + G[k]
+                P[k] = P[k] - lr * V[k]
+        if it % log_every == 0 or it == steps:
+            obj = recorder.log(it, P)
+            _check_finite(obj, initial_objective, prog, P_init, lr, it)
+            _report(bar, progress, it, recorder)
+            if tol is not None and _converged(obj, f_star, tol):
+                stopped = it < steps
+                break
+        elif it % check_every == 0:
+            fit, reg = prog.objective(P)
+            _check_finite(as_float(fit + reg), initial_objective, prog, P_init, lr, it)
+    if bar is not None:
+        bar.close()
+    return Result(model=model, lams=lam_arr, seeds=np.asarray(seeds), f_star=f_star,
+                  history=recorder.history(), params={k: as_float(v) for k, v in P.items()},
+                  iterations=it, seconds=time.perf_counter() - start, stopped_early=stopped,
+                  settings=dict(steps=steps, lr=lr, momentum=momentum, init_std=np.asarray(init_std).tolist(),
+                                dtype=dtype, device=device, backend=ops.name, log_every=log_every))
+
+
+# ----------------------------------------------------------------------------- recording
+class _Recorder:
+    """Collects objective, gap and per-level metrics at logged iterations."""
+
+    def __init__(self, prog: Program, f_star: np.ndarray, y: torch.Tensor, metrics: bool):
+        self.prog, self.f_star, self.y, self.metrics = prog, f_star, y, metrics
+        self.rows: dict[str, list] = {}
+
+    def log(self, it: int, P) -> np.ndarray:
+        levels, _, _ = self.prog.forward(P)
+        fit, reg = (as_float(x) for x in self.prog.objective(P))
+        obj = fit + reg
+        self._add("iteration", it)
+        self._add("objective", obj)
+        self._add("fit", fit)
+        self._add("reg", reg)
+        self._add("gap", obj - self.f_star)
+        if self.metrics and np.isfinite(obj).all():
+            self._level_metrics(levels, P)
+        return obj
+
+    def _level_metrics(self, levels, P):
+        ops, model = self.prog.ops, self.prog.model
+        maps = self.prog.maps_to_output(P)
+        b = ops.to_torch(P["b"])[:, 0, :].double() if model.has_bias else None
+        for l, (H, W) in enumerate(zip(levels, maps), start=1):
+            last = l == model.L
+            vals = collapse_metrics_t(ops.to_torch(H), self.y, model.K, ops.to_torch(W).double(),
+                                      b if last else None)
+            for key in LEVEL_METRICS + (("nc4",) if last else ()):
+                self._add(f"H{l}.{key}", as_float(vals[key]))
+
+    def _add(self, key, value):
+        self.rows.setdefault(key, []).append(value)
+
+    def history(self) -> dict[str, np.ndarray]:
+        n = len(self.rows["iteration"])
+        out = {"iteration": np.asarray(self.rows["iteration"])}
+        for k, v in self.rows.items():
+            if k != "iteration":
+                arr = np.asarray(v, dtype=np.float64)
+                if len(arr) < n:  # metrics skipped at a non-finite step: pad with NaN
+                    arr = np.concatenate([np.full((n - len(arr), arr.shape[1]), np.nan), arr])
+                out[k] = arr
+        return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_args(steps, lr, momentum, log_every, dtype, device, backend, tol):
+    if not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr: the step size η must be a positive number, got {lr!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum: expected 0 <= μ < 1, got {momentum}")
+    if not isinstance(log_every, (int, np.integer)) or log_every < 1:
+        raise ValueError(f"log_every: expected a positive integer, got {log_every!r}")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'numpy' or 'torch', got {backend!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device: CUDA was requested but torch.cuda.is_available() is False; use device='cpu'")
+    if str(device).startswith("cuda") and backend == "numpy":
+        raise ValueError("backend: numpy runs on the CPU only; use backend='torch' with device='cuda'")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol: expected a positive relative gap tolerance, got {tol}")
+
+
+def _broadcast_batch(model, seeds, lams, init_std, init):
+    seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+    lam_arr = np.atleast_2d(np.asarray(model.lams if lams is None else lams, dtype=np.float64))
+    if lam_arr.shape[1] != model.L + 1:
+        raise ValueError(f"lams: expected rows of {model.L + 1} values (H1 first), got shape {lam_arr.shape}")
+    if (lam_arr < 0).any() or not np.isfinite(lam_arr).all():
+        raise ValueError("lams: every λ must be finite and >= 0")
+    std = np.atleast_1d(np.asarray(init_std, dtype=np.float64))
+    if (std < 0).any():
+        raise ValueError(f"init_std: must be >= 0, got {init_std}")
+    sizes = {len(seeds), len(lam_arr), len(std)}
+    if init is not None:
+        h = init["H1"]
+        sizes.add(h.shape[0] if h.ndim == 3 else 1)
+    sizes.discard(1)
+    if len(sizes) > 1:
+        raise ValueError(f"seeds/lams/init_std/init: batch sizes {sorted(sizes)} disagree; give one B or 1")
+    B = sizes.pop() if sizes else 1
+    return (B, np.broadcast_to(seeds, (B,)), np.ascontiguousarray(np.broadcast_to(lam_arr, (B, model.L + 1))),
+            np.broadcast_to(std, (B,)))
+
+
+def _pick_backend(backend, device, B, model):
+    if backend == "numpy":
+        return NumpyOps
+    if backend == "torch" or str(device).startswith("cuda"):
+        return TorchOps
+    return NumpyOps if B == 1 else TorchOps
+
+
+def _check_init(model: UFM, init: dict) -> None:
+    """Given initial parameters must have exactly the model's factors and shapes."""
+    expected = dict(model.factor_shapes())
+    if model.has_bias:
+        expected["b"] = (1, model.K)
+    if set(init) != set(expected):
+        raise ValueError(f"init: expected the keys {sorted(expected)}, got {sorted(init)}")
+    for k, shape in expected.items():
+        got = tuple(init[k].shape[-2:])
+        if got != shape or init[k].ndim not in (2, 3):
+            hint = " (N = the sum of the class sizes n)" if k == "H1" else ""
+            raise ValueError(f"init: {k} must have shape {shape} or (B, {shape[0]}, {shape[1]}){hint}, "
+                             f"got {tuple(init[k].shape)}")
+
+
+def _to_backend(v, B, ops, np_dtype, t_dtype, device):
+    t = torch.as_tensor(as_float(v))
+    if t.ndim == 2:
+        t = t[None]
+    t = t.expand(B, *t.shape[1:]).contiguous() if t.shape[0] == 1 else t
+    if ops is NumpyOps:
+        return t.numpy().astype(np_dtype)
+    return t.to(device=device, dtype=t_dtype)
+
+
+def _nan_if_none(x):
+    return np.nan if x is None else x
+
+
+def _check_finite(obj, initial, prog, P_init, lr, it):
+    bad = ~np.isfinite(obj) | (obj > 1e6 * initial)
+    if not bad.any():
+        return
+    problems = np.flatnonzero(bad)
+    hint = ""
+    try:
+        est = smoothness_estimate(prog, P_init)
+        if np.isfinite(est).all() and est.max() > 0:
+            hint = f"; a smoothness estimate near the initial point gives L ≈ {est.max():.3g}, try lr <= {1 / est.max():.3g}"
+    except Exception:  # the estimate is advice only
+        pass
+    raise DivergenceError(
+        f"gradient descent diverged at iteration {it} for problem(s) {problems[:8].tolist()} "
+        f"with lr (η) = {lr}: the objective became {'non-finite' if not np.isfinite(obj).all() else 'a million times larger'}"
+        f"{hint}; GD is stable only for η < 2/L"
+    )
+
+
+def _converged(obj, f_star, tol) -> bool:
+    if np.isnan(f_star).any():
+        return False
+    return bool((np.abs(obj - f_star) <= tol * np.maximum(np.abs(f_star), 1e-300)).all())
+
+
+def _progress_bar(progress, steps):
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=steps, unit="it", leave=False, mininterval=0.5)
+    return None
+
+
+def _report(bar, progress, it, recorder):
+    if bar is not None:
+        gap = recorder.rows["gap"][-1]
+        bar.n = it
+        bar.set_postfix_str(f"gap {np.nanmax(gap):.2e}" if np.isfinite(gap).any() else "", refresh=False)
+        bar.refresh()
+    elif callable(progress):
+        progress(it, recorder)
