@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():
     """The ``register(subparsers)`` function of every part of nclab, in help order."""
-    return (_register_measure, _register_theory)
+    from nclab.experiments.cli import register as register_experiments
+
+    return (register_experiments, _register_measure, _register_theory)
 
 
 def _version():

@@ -1,0 +1,176 @@
+"""Run one UFM experiment from a config and write its folder.
+
+``DIR/NAME/`` receives ``config.toml`` (everything needed to rerun), ``metrics.csv`` (one
+row per logged iteration), ``summary.json``, ``figure.png`` and ``figure.pdf``. The folder
+is assembled under a temporary name and renamed at the end: an interrupted run leaves
+no half-written folder behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from nclab import theory, ufm
+from nclab.experiments import config as C
+from nclab.io import write_json, write_text
+from nclab.plots import save_figure, ufm_figure
+from nclab.ufm.solve import LEVEL_METRICS
+
+LEVEL_COLUMNS = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3") + LEVEL_METRICS[5:]
+
+
+def prepare_output(out_dir: Path, force: bool) -> None:
+    """Refuse to overwrite an earlier run silently."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise ValueError(f"--out: {out_dir} already holds results; choose another --out, "
+                             "pass --resume to skip finished experiments, or --force to overwrite")
+
+
+def run_experiment(cfg: dict, out_dir: Path, *, quiet: bool = False) -> dict:
+    """Solve the config's UFM by GD, write ``out_dir``; returns the summary dict."""
+    model, s = C.model_from(cfg), cfg["solver"]
+    seeds = list(range(s["seed"], s["seed"] + s["restarts"]))
+    result = ufm.solve(model, steps=s["steps"], lr=s["lr"], momentum=s["momentum"], seeds=seeds,
+                       init_std=s["init_std"], dtype=s["dtype"], device=s["device"],
+                       backend=s["backend"], log_every=s["log_every"],
+                       progress=None if quiet else _progress_printer(cfg["name"], s["steps"]))
+    frame = C.expected_frame(cfg)
+    best = int(np.nanargmin(result.final("objective")))
+    rows = _rows(result, best, frame)
+    summary = _summary(cfg, model, result, best, frame)
+    _write_folder(out_dir, cfg, rows, summary, frame)
+    return summary
+
+
+def _rows(result, best, frame) -> list[dict]:
+    """metrics.csv rows of the best restart, with ``H<l>.nc3`` the expected-frame alignment."""
+    rows = result.rows(best)
+    levels = [f"H{l}" for l in range(1, result.model.L + 1)]
+    out = []
+    for r in rows:
+        row = {k: r[k] for k in ("iteration", "objective", "fit", "reg", "gap")}
+        for level in levels:
+            r[f"{level}.nc3"] = r[f"{level}.nc3_{frame}"]
+            row.update({f"{level}.{m}": r[f"{level}.{m}"] for m in LEVEL_COLUMNS})
+        if f"{levels[-1]}.nc4" in r:
+            row[f"{levels[-1]}.nc4"] = r[f"{levels[-1]}.nc4"]
+        out.append(row)
+    return out
+
+
+def _summary(cfg, model, result, best, frame) -> dict:
+    f_star = result.f_star[best]
+    obj = float(result.final("objective")[best])
+    levels = {}
+    for l in range(1, model.L + 1):
+        key = f"H{l}"
+        levels[key] = {m: _clean(result.final(f"{key}.{m}")[best]) for m in
+                       ("nc1", "nc1_trace", "nc2_of", "nc2_etf")}
+        levels[key]["nc3"] = _clean(result.final(f"{key}.nc3_{frame}")[best])
+        levels[key]["mean_sq_norm"] = _mean_sq_norm(result, best, l)
+    return {
+        "name": cfg["name"], "title": cfg.get("title", cfg["name"]), "model": model.describe(), "K": model.K,
+        "objective": obj, "objective_optimal": None if math.isnan(f_star) else float(f_star),
+        "gap": None if math.isnan(f_star) else obj - float(f_star),
+        "relative_gap": None if math.isnan(f_star) or f_star == 0 else (obj - float(f_star)) / float(f_star),
+        "expected_frame": frame, "iterations": result.iterations, "seconds": round(result.seconds, 3),
+        "best_restart": best, "restart_objectives": [float(v) for v in result.final("objective")],
+        "levels": levels, "factor_sq_norms": {k: float(np.sum(v[best] ** 2)) for k, v in result.params.items()},
+        "theory": _theory(cfg, model),
+    }
+
+
+def _mean_sq_norm(result, best, level) -> float:
+    """Mean over classes of ‖μ_k‖² at feature level ``level`` of the final parameters."""
+    P = {k: v[best:best + 1] for k, v in result.params.items()}
+    prog = ufm.engine.Program(result.model, result.lams[best:best + 1], ufm.engine.NumpyOps, np.float64)
+    H = prog.forward(P)[0][level - 1][0]
+    y = result.model.labels()
+    means = np.stack([H[y == k].mean(0) for k in range(result.model.K)])
+    return float((means ** 2).sum(1).mean())
+
+
+def _theory(cfg, model) -> dict | None:
+    """The predicted optimum when THEORY.md §3 gives one (MSE, no/free bias, balanced)."""
+    if model.loss != "mse" or model.bias == "reg" or not model.balanced or min(model.lams) <= 0:
+        return None
+    if model.activation == "relu" and model.L > 2:
+        return None
+    p = theory.predict(model.K, model.class_counts[0], model.lams, bias=model.bias == "free")
+    linear = model.activation == "linear" or model.L == 1
+    out = {"f_star": p.f_star, "c": p.c, "c_crit": p.c_crit, "t_star": p.t_star,
+           "collapsed_to_zero": p.collapsed_to_zero}
+    if linear:  # norms are predicted for the linear models only
+        out["factor_sq_norms"] = dict(zip(model.factor_shapes(), p.factor_sq_norms))
+        out["mean_sq_norms"] = {f"H{l + 1}": v for l, v in enumerate(p.mean_sq_norms)}
+    return out
+
+
+def _clean(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _write_folder(out_dir: Path, cfg, rows, summary, frame) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_text(tmp / "config.toml", C.dumps(cfg))
+        write_text(tmp / "metrics.csv", _csv_text(rows))
+        write_json(tmp / "summary.json", summary)
+        history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        restarts = cfg["solver"]["restarts"]
+        title = (f"{summary['title']}  |  final gap to f*: "
+                 + (f"{summary['gap']:.2e}" if summary["gap"] is not None else "n/a (no closed form)")
+                 + (f"  |  best of {restarts} restarts" if restarts > 1 else ""))
+        levels = [f"H{l}" for l in range(1, C.model_from(cfg).L + 1)]
+        save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), tmp / "figure")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress_printer(name: str, steps: int):
+    """A callable for ufm.solve's ``progress``: a line about every 10% of the run."""
+    import time
+
+    state = {"start": time.perf_counter(), "next": 0}
+
+    def report(it, recorder):
+        if it < state["next"] and it != steps:
+            return
+        state["next"] = it + max(steps // 10, 1)
+        elapsed = time.perf_counter() - state["start"]
+        gap = np.asarray(recorder.rows["gap"][-1])
+        gap_txt = f"gap {np.nanmin(gap):.2e}" if np.isfinite(gap).any() else "objective " \
+            f"{np.nanmin(recorder.rows['objective'][-1]):.4g}"
+        print(f"  {name}: {it:>7d}/{steps} iterations  {it / max(elapsed, 1e-9):8.0f} it/s  {gap_txt}",
+              flush=True)
+
+    return report
+
+
+def load_summary(out_dir: Path) -> dict | None:
+    """The summary.json of a finished experiment folder, or None."""
+    path = out_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None

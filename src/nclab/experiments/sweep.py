@@ -1,0 +1,76 @@
+"""Phase diagrams: the whole λ grid (and initialisation scales) solved in one batched run.
+
+* ``plain``: the bias-free MSE UFM against c = K sqrt(n λ_H λ_W) (λ_H = λ_W); the
+  optimum is non-zero for c < 1 and f* = c - c²/2, then 1/2 (a continuous transition).
+* ``extended``: the linear extended UFM against c_3 = K (n λ_H1 λ_W1 λ_W2)^(1/3) (equal
+  λs), for several initialisation scales; f* jumps at c_crit = 2^(-4/3) (discontinuous),
+  and since 0 is always a local minimum, small initialisations fall to 0 below it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from nclab import theory, ufm
+from nclab.io import write_text
+from nclab.plots import save_figure, sweep_figure
+
+SWEEPS = ("plain", "extended")
+
+
+def run_sweep(kind: str, out_dir: Path, *, K: int = 4, n: int = 50, d: int = 20, points: int = 25,
+              steps: int | None = None, lr: float = 0.1, init_stds=(0.01, 0.1, 1.0), seed: int = 0,
+              device: str = "cpu", quiet: bool = False) -> Path:
+    """Solve the grid, write ``out_dir/sweep-<kind>.{csv,png,pdf}``; returns the csv path."""
+    if kind not in SWEEPS:
+        raise ValueError(f"KIND: expected one of {SWEEPS}, got {kind!r}")
+    if points < 2:
+        raise ValueError(f"--points: need at least 2 grid points, got {points}")
+    m = 2 if kind == "plain" else 3
+    c_crit = theory.c_crit(m)
+    c_grid = np.linspace(0.04, 2.0 if m == 2 else 2.0 * c_crit, points)
+    lam = c_grid / (K * n ** (1 / m))  # equal λs give c_m = K (n λ^m)^(1/m) = K n^(1/m) λ
+    stds = (0.1,) if m == 2 else tuple(init_stds)
+    model = ufm.UFM(K, n, (d,) * (m - 1), (1.0,) * m)
+    lams = np.repeat(lam[None, :, None], len(stds), axis=0).reshape(-1, 1) * np.ones((1, m))
+    std = np.repeat(np.asarray(stds, dtype=float), points)
+    steps = steps or (20_000 if m == 2 else 30_000)
+    if not quiet:
+        print(f"sweep {kind}: {len(lams)} problems x {steps} GD steps in one batched run", flush=True)
+    result = ufm.solve(model, steps=steps, lr=lr, seeds=np.arange(len(lams)) + seed, lams=lams,
+                       init_std=std, device=device, log_every=steps, progress=not quiet)
+    return _write(kind, out_dir, result, c_grid, lam, std, stds, m, c_crit, model)
+
+
+def _write(kind, out_dir, result, c_grid, lam, std, stds, m, c_crit, model):
+    points = len(c_grid)
+    f = result.final("objective")
+    f_star = result.f_star
+    last = f"H{model.L}"
+    rows = [{"c": c_grid[i % points], "lam": lam[i % points], "init_std": std[i], "objective": f[i],
+             "f_star": f_star[i], "gap": f[i] - f_star[i],
+             **{f"{lv}.{k}": result.final(f"{lv}.{k}")[i] for lv in (f"H{l}" for l in range(1, model.L + 1))
+                for k in ("nc1", "nc2_of", "nc2_etf")}} for i in range(len(f))]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    csv_path = out_dir / f"sweep-{kind}.csv"
+    write_text(csv_path, buf.getvalue())
+    fine = np.linspace(c_grid[0], c_grid[-1], 400)
+    theory_f = [theory.phi(m, c, theory.t_star(m, c)) if theory.t_star(m, c) > 0 else 0.5 for c in fine]
+    label = lambda s: f"GD, init std {s:g}"  # noqa: E731
+    curves = {label(s): f[j * points:(j + 1) * points] for j, s in enumerate(stds)}
+    metric = {f"final NC1 of {last}": {label(s): result.final(f"{last}.nc1")[j * points:(j + 1) * points]
+                                        for j, s in enumerate(stds)},
+              f"final NC2 (OF) of {last}": {label(s): result.final(f"{last}.nc2_of")[j * points:(j + 1) * points]
+                                             for j, s in enumerate(stds)}}
+    x_label = "c = K√(nλ_Hλ_W)" if m == 2 else "c₃ = K(nλ_H1λ_W1λ_W2)^(1/3)"
+    title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={model.K}, n={model.class_counts[0]}, "
+             f"d={model.dims[0]}, equal λ, {result.iterations} GD steps")
+    fig = sweep_figure(c_grid, x_label, curves, fine, theory_f, c_crit, title, metric)
+    save_figure(fig, out_dir / f"sweep-{kind}")
+    return csv_path

@@ -1,0 +1,99 @@
+"""Figures in the paper's panel layouts (matplotlib, Agg backend); no metric is computed here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nclab.io import atomic_path  # noqa: E402
+
+LEVEL_STYLE = {"H1": dict(color="tab:blue"), "H2": dict(color="tab:red"),
+               "H3": dict(color="tab:green"), "H4": dict(color="tab:purple")}
+FRAME_NAME = {"of": "orthogonal frame", "etf": "simplex ETF"}
+
+
+def _positive(values):
+    """Values for a log axis: non-positive entries (exact zeros) become NaN gaps."""
+    v = np.asarray(values, dtype=float)
+    return np.where(v > 0, v, np.nan)
+
+
+def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float | None, label: str = ""):
+    """Fill one row of four panels: objective (f* dashed), NC1, NC2 to ``frame``, NC3.
+
+    ``history``: column name -> 1-D array ("iteration", "objective", "H1.nc1", ...).
+    """
+    it = history["iteration"]
+    ax = axes[0]
+    ax.plot(it, history["objective"], color="black", label="objective")
+    if f_star is not None and np.isfinite(f_star):
+        ax.axhline(f_star, color="gray", ls="--", label=f"f* = {f_star:.6g}")
+    ax.set_yscale("log")
+    ax.set_title(f"objective{label}")
+    for ax, key, title in ((axes[1], "nc1", "NC1: (1/K) Tr(Σ_W Σ_B⁺)"),
+                           (axes[2], f"nc2_{frame}", f"NC2: distance to {FRAME_NAME[frame]}"),
+                           (axes[3], "nc3", "NC3: alignment of W with means")):
+        for level in levels:
+            ax.plot(it, _positive(history[f"{level}.{key}"]), label=level, **LEVEL_STYLE.get(level, {}))
+        ax.set_yscale("log")
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf atomically; returns the paths."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(f"{stem}.{ext}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def ufm_figure(history: dict, levels: list[str], frame: str, f_star: float | None, title: str):
+    """The paper's layout for one model: a 1 x 4 row of panels."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    ufm_panels(axes, history, levels, frame, f_star)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(x, x_label: str, curves: dict, theory_x, theory_f, threshold: float, title: str,
+                 metric_curves: dict):
+    """Phase diagram: final objective vs x with the theory's f* curve, and final NC metrics.
+
+    ``curves``: label -> final objectives (len(x)); ``metric_curves``: panel title ->
+    {label: values}.
+    """
+    fig, axes = plt.subplots(1, 1 + len(metric_curves), figsize=(5.2 * (1 + len(metric_curves)), 4))
+    ax = axes[0]
+    ax.plot(theory_x, theory_f, color="black", lw=2, label="theory f*")
+    for label, f in curves.items():
+        ax.plot(x, f, "o", ms=4, alpha=0.8, label=label)
+    ax.axvline(threshold, color="gray", ls=":", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("final objective")
+    ax.set_title("objective after GD vs exact optimum")
+    for ax, (panel, series) in zip(axes[1:], metric_curves.items()):
+        for label, v in series.items():
+            ax.plot(x, _positive(v), "o-", ms=3, label=label)
+        ax.axvline(threshold, color="gray", ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_title(panel)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
