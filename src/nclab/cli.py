@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():
     """The ``register(subparsers)`` function of every part of nclab, in help order."""
-    return (_register_measure,)
+    from nclab.nets.cli import register as _register_train
+
+    return (_register_measure, _register_train)
 
 
 def _version():

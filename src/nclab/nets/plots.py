@@ -3,8 +3,9 @@
 One row per run, four panels against epochs: (1) training objective (log, left axis)
 and train/test accuracy (right axis); (2) NC1 = (1/K)Tr(Σ_W Σ_B⁺), one line per feature
 level; (3) NC2 = distance of the centred class-mean Gram to the simplex ETF (nc2_etf),
-one line per level; (4) NC3 = ‖W/‖W‖ - M̃/‖M̃‖‖ (nc3_etf), penultimate level only (W acts
-on the penultimate features; NC3 is undefined elsewhere). NC panels use the measured
+one line per level; (4) NC3 = ‖W/‖W‖ - M̃/‖M̃‖‖ (nc3_etf, solid) and Zhu et al.'s duality
+‖WM̃ᵀ/‖WM̃ᵀ‖ - E_K‖ (nc3_duality_etf, dotted), penultimate level only (W acts on the
+penultimate features; NC3 is undefined elsewhere). NC panels use the measured
 training subsample. The numbers are in each run's metrics.csv.
 """
 from __future__ import annotations
@@ -73,11 +74,13 @@ def plot_runs(runs: dict[str, list[dict]], path_stem, titles: dict[str, str] | N
             ax.set_ylabel(label)
             ax.legend(fontsize=7, title="level", title_fontsize=7)
         ax = row[3]
-        x, y = series(rows, "train", "penultimate", "nc3_etf")
-        ax.plot(x, _positive(y), color=colours.get("penultimate", "k"), label="penultimate (W vs M̃)",
-                marker="." if len(x) < 30 else None)
+        for metric, style, label in (("nc3_etf", "-", "‖W/‖W‖ − M̃/‖M̃‖‖ (alignment)"),
+                                     ("nc3_duality_etf", ":", "‖WM̃ᵀ/‖WM̃ᵀ‖ − ETF‖ (duality)")):
+            x, y = series(rows, "train", "penultimate", metric)
+            ax.plot(x, _positive(y), style, color=colours.get("penultimate", "k"), label=label,
+                    marker="." if len(x) < 30 else None)
         ax.set_yscale("log")
-        ax.set_ylabel("NC3  ‖W/‖W‖ − M̃/‖M̃‖‖")
+        ax.set_ylabel("NC3 (penultimate)")
         ax.legend(fontsize=7)
         for ax in row:
             ax.set_xlabel("epoch")

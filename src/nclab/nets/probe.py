@@ -17,12 +17,14 @@ and the statistics are merged exactly (``ClassStats.all_reduce``).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from nclab._validate import DegenerateError
 from nclab.nets.models import stage_modules
 from nclab.stats import ClassStats, NC4Counter
 
@@ -69,6 +71,21 @@ def record_features(model: nn.Module, layers: dict[str, nn.Module] | None = None
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(y), batch_size):
         yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def _level_metrics(stats: ClassStats, W) -> dict[str, float]:
+    """ClassStats.metrics, with NaN for every metric when the level is degenerate.
+
+    A level whose class means coincide (e.g. all ReLU outputs dead after a diverging step)
+    has no defined NC metrics; a training run records NaN there instead of stopping.
+    """
+    try:
+        return stats.metrics(W)
+    except DegenerateError:
+        names = ["nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of"]
+        if W is not None:
+            names += ["nc2w_etf", "nc2w_of", "nc3_etf", "nc3_of", "nc3_duality_etf", "nc3_duality_of"]
+        return {k: math.nan for k in names}
 
 
 @torch.inference_mode()
@@ -124,7 +141,7 @@ def measure_layers(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Te
     b = None if classifier.bias is None else classifier.bias.detach()
     out = OrderedDict()
     for name, s in stats.items():
-        out[name] = s.metrics(W if name == PENULTIMATE else None)
+        out[name] = _level_metrics(s, W if name == PENULTIMATE else None)
     nc4 = NC4Counter(stats[PENULTIMATE].means, W, b).update(torch.cat(kept))
     if distributed:
         nc4.all_reduce()

@@ -350,6 +350,9 @@ class Trainer:
             import torch.distributed as dist
 
             dist.all_reduce(totals)
+        if not torch.isfinite(totals[0]):
+            raise ValueError(f"lr: training diverged in epoch {epoch} (loss {float(totals[0])}); "
+                             "lower --lr or --weight-decay")
         return {"running_loss": float(totals[0]) / len(y), "running_accuracy": float(totals[1]) / len(y)}
 
     # ------------------------------------------------------------------ metric pass
