@@ -13,7 +13,7 @@ from nclab.nets.train import (GlobalBatchNorm, TrainConfig, convert_batchnorm, r
                               sample_losses, train)
 
 TINY = dict(width=0.0625, epochs=3, per_class=12, batch_size=32, eval_every=2, measure_per_class=6,
-            lr_step=2, lr=0.01, weight_decay=2.5e-3)
+            lr_step=2, lr=0.01, weight_decay=2.5e-3, threads=1)
 
 
 def test_mse_scaling_matches_torch_mseloss():
@@ -94,7 +94,8 @@ def _free_port():
 def test_two_gloo_processes_equal_one(tmp_path):
     """torchrun --nproc-per-node 2 -m nclab train: same metrics as one process."""
     args = ["--width", "0.0625", "--epochs", "2", "--per-class", "12", "--batch-size", "32", "--eval-every", "1",
-            "--measure-per-class", "6", "--lr", "0.01", "--quiet"]
+            "--measure-per-class", "6", "--lr", "0.002", "--quiet"]
+    # a small step: float differences of ~1e-7 (summation order) grow fast in chaotic early training
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "nclab", "train", "--out", str(tmp_path / "one"), *args],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -108,6 +109,6 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert [(r["epoch"], r["split"], r["layer"], r["metric"]) for r in r1] == \
         [(r["epoch"], r["split"], r["layer"], r["metric"]) for r in r2]
     for a, b in zip(r1, r2):
-        assert b["value"] == pytest.approx(a["value"], rel=1e-3, abs=1e-6), a
+        assert b["value"] == pytest.approx(a["value"], rel=1e-4, abs=1e-7), a
     import json
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2

@@ -34,6 +34,7 @@ _HELP = {
     "device": "cpu, cuda or cuda:N",
     "bf16": "bf16 autocast on CUDA",
     "channels_last": "channels_last memory format on CUDA",
+    "threads": "CPU threads (torch.set_num_threads); 1 is fastest for small models on a busy machine",
 }
 
 

@@ -48,7 +48,8 @@ def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu
     if name not in NETWORK_EXPERIMENTS:
         raise ValueError(f"name: expected one of {NETWORK_EXPERIMENTS}, got {name!r}")
     if data is None:
-        base = dict(dataset="digits", width=0.25, epochs=150, lr_step=50, eval_every=3, measure_per_class=20)
+        base = dict(dataset="digits", width=0.25, epochs=150, lr_step=50, eval_every=3, measure_per_class=20,
+                    threads=1)
     else:
         base = dict(dataset=DATASET[name], data=str(data), width=1.0, epochs=200, lr_step=40, eval_every=5,
                     measure_per_class=100)
