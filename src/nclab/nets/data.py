@@ -137,7 +137,7 @@ def _digits(seed: int) -> ImageData:
 
 
 # ------------------------------------------------------------------------- MNIST
-def _find_dir(root: Path, candidates: list[Path], probe: str) -> Path | None:
+def _find_dir(candidates: list[Path], probe: str) -> Path | None:
     for d in candidates:
         if (d / probe).is_file() or (d / (probe + ".gz")).is_file():
             return d
@@ -147,7 +147,7 @@ def _find_dir(root: Path, candidates: list[Path], probe: str) -> Path | None:
 def mnist_dir(data_dir: str | Path) -> Path:
     """The folder holding the MNIST IDX files, or DataError listing what is expected."""
     root = Path(data_dir)
-    found = _find_dir(root, [root / "MNIST" / "raw", root / "raw", root], MNIST_FILES["train"][0])
+    found = _find_dir([root / "MNIST" / "raw", root / "raw", root], MNIST_FILES["train"][0])
     if found is None:
         files = ", ".join(f + "[.gz]" for pair in MNIST_FILES.values() for f in pair)
         raise DataError(

@@ -248,14 +248,15 @@ class _State:
 class Trainer:
     """One training run in ``out_dir`` (see the module docstring); use :func:`train`."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, *, quiet: bool = False):
+    def __init__(self, config: TrainConfig, out_dir: Path, *, quiet: bool = False, data: ImageData | None = None):
         self.cfg, self.out, self.quiet = config.validate(), Path(out_dir), quiet
         self.dist = init_distributed(config.device)
         self.device = self._device()
         self.cuda = self.device.type == "cuda"
         if not self.cuda:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        data = load_data(config.dataset, config.data, per_class=config.per_class, seed=config.seed)
+        if data is None:  # (benchmarks pass synthetic data)
+            data = load_data(config.dataset, config.data, per_class=config.per_class, seed=config.seed)
         self.data: ImageData = to_device(data, self.device)
         self.measure_sets = self._measure_sets()
         torch.manual_seed(config.seed)
