@@ -284,6 +284,8 @@ class Trainer:
                 raise ValueError("device: CUDA is not available here; use --device cpu")
             if self.dist.active:
                 dev = torch.device("cuda", self.dist.local_rank)
+            elif dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(dev)
         return dev
 
