@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _registrars():
     """The ``register(subparsers)`` function of every part of nclab, in help order."""
     from nclab.experiments.cli import register as register_experiments
+    from nclab.nets.cli import register as register_train
 
-    return (register_experiments, _register_measure, _register_theory)
+    return (register_experiments, _register_measure, _register_theory, register_train)
 
 
 def _version():

@@ -1,0 +1,18 @@
+"""Collapse in real networks: ResNet18/MLP, image data, training with layer-wise metrics.
+
+* :mod:`nclab.nets.models`: ``resnet18`` (small / imagenet stem, width, bias), ``MLP``.
+* :mod:`nclab.nets.data`: ``load_data`` (digits offline; MNIST, CIFAR-10 from ``--data DIR``).
+* :mod:`nclab.nets.probe`: ``record_features`` (forward hooks on any nn.Module) and
+  ``measure_layers`` (all levels' metrics in one streaming pass).
+* :mod:`nclab.nets.train`: ``TrainConfig``, ``train`` (MSE/CE, SGD, checkpoint/resume,
+  torch.distributed).
+* :mod:`nclab.nets.experiment`: ``run_network_experiment("fig5" | "fig10", out_dir)``,
+  ``report_markdown``.
+* :mod:`nclab.nets.cli`: the ``nclab train`` command.
+"""
+from nclab.nets.experiment import NETWORK_EXPERIMENTS, report_markdown, run_network_experiment
+from nclab.nets.probe import measure_layers, record_features
+from nclab.nets.train import TrainConfig, train
+
+__all__ = ["NETWORK_EXPERIMENTS", "TrainConfig", "measure_layers", "record_features", "report_markdown",
+           "run_network_experiment", "train"]

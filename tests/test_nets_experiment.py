@@ -1,0 +1,82 @@
+"""The network experiments (quick mode), their outputs, report entry, and the train command."""
+import json
+
+import pytest
+
+from nclab.cli import main
+from nclab.nets.experiment import NETWORK_EXPERIMENTS, experiment_configs, report_markdown, run_network_experiment
+from nclab.nets.train import read_metrics_csv
+
+
+@pytest.fixture(scope="module")
+def fig5_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fig5")
+    return out, run_network_experiment("fig5", out, quick=True, quiet=True)
+
+
+def test_fig5_quick_outputs(fig5_quick):
+    out, summary = fig5_quick
+    assert NETWORK_EXPERIMENTS == ("fig5", "fig10")
+    for f in ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf"):
+        assert (out / f).is_file(), f
+    assert set(summary["runs"]) == {"mse_nobias", "ce_bias"}
+    assert summary["real_data"] is False and "digits" in summary["data_source"]
+    assert json.loads((out / "summary.json").read_text())["experiment"] == "fig5"
+    mse = summary["runs"]["mse_nobias"]["config"]
+    assert mse["loss"] == "mse" and mse["bias"] is False
+    assert summary["runs"]["ce_bias"]["config"]["bias"] is True
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header == "run,epoch,split,layer,metric,value"
+    md = report_markdown(summary, "fig5")
+    assert "fig5/figure.png" in md and "| penultimate |" in md and "digits" in md
+
+
+def test_config_reruns(fig5_quick, tmp_path):
+    out, summary = fig5_quick
+    assert main(["train", "--config", str(out / "config.toml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    for run in ("mse_nobias", "ce_bias"):
+        a = read_metrics_csv(out / run / "metrics.csv")
+        b = read_metrics_csv(tmp_path / "again" / run / "metrics.csv")
+        assert a == b
+
+
+def test_experiment_configs():
+    real = experiment_configs("fig10", data="/some/where")
+    assert real["mse_nobias"].dataset == "cifar10" and real["mse_nobias"].width == 1.0
+    fig5 = experiment_configs("fig5", data="/d", epochs=7)
+    assert fig5["ce_bias"].dataset == "mnist" and fig5["ce_bias"].epochs == 7
+    # MSE in the UFM scaling with the torch.nn.MSELoss-equivalent step and decay (K = 10)
+    assert fig5["mse_nobias"].lr == pytest.approx(0.01) and fig5["mse_nobias"].weight_decay == pytest.approx(2.5e-3)
+    with pytest.raises(ValueError, match="name"):
+        experiment_configs("fig6")
+
+
+def test_train_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--width", "0.0625", "--epochs", "1", "--per-class", "10",
+            "--measure-per-class", "5", "--loss", "ce", "--bias", "--threads", "1", "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "penultimate" in text and "accuracy" in text
+    assert (out / "figure.png").is_file() and (out / "config.toml").is_file()
+    assert main(args) == 2  # never overwrites
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+
+
+@pytest.mark.parametrize("args, word", [(["--loss", "l1"], "loss"), (["--epochs", "0"], "epochs"),
+                                        (["--dataset", "mnist", "--data", "/nonexistent"], "train-images-idx3")])
+def test_train_command_errors(tmp_path, capsys, args, word):
+    assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert word in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_default_digits_reproduction_shows_depthwise_collapse(tmp_path):
+    summary = run_network_experiment("fig5", tmp_path, quiet=True)
+    assert summary["wall_time_s"] < 600
+    for run in summary["runs"].values():
+        nc1 = [run["final"]["train"][lv]["nc1"] for lv in ("layer1", "layer2", "layer3", "penultimate")]
+        assert nc1 == sorted(nc1, reverse=True), nc1
+        assert run["final"]["train"]["network"]["accuracy"] > 0.99

@@ -1,0 +1,85 @@
+"""Hooks record the right feature levels; the streaming metric pass equals materialised metrics."""
+import pytest
+import torch
+from torch import nn
+
+from nclab import measure
+from nclab.nets.models import MLP, build_model, resnet18, stage_modules
+from nclab.nets.probe import PENULTIMATE, batches, measure_layers, record_features
+
+
+@pytest.mark.parametrize("stem, shape, sizes", [
+    ("small", (1, 8, 8), [8, 8, 16, 32, 64]),
+    ("imagenet", (3, 32, 32), [8, 8, 16, 32, 64]),
+])
+def test_resnet_hooks_shapes(stem, shape, sizes):
+    torch.manual_seed(0)
+    model = resnet18(10, shape[0], stem, width=0.125, bias=False).eval()
+    assert model.fc.bias is None
+    with record_features(model) as feats:
+        logits = model(torch.randn(5, *shape))
+    assert logits.shape == (5, 10)
+    assert list(feats) == ["stem", "layer1", "layer2", "layer3", PENULTIMATE]
+    assert [f.shape for f in feats.values()] == [(5, d) for d in sizes]
+    # the penultimate level is stage 4 pooled: the classifier's input
+    torch.testing.assert_close(model.fc(feats[PENULTIMATE]), logits)
+    # hooks are gone afterwards
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_imagenet_stem_downsamples():
+    model = resnet18(10, 3, "imagenet", width=0.125).eval()
+    with record_features(model) as feats:
+        model(torch.randn(2, 3, 32, 32))
+    # 32 -> conv stride 2 -> 16 -> max-pool -> 8; the stem level is the max-pool's output
+    out = {}
+    h = model.maxpool.register_forward_hook(lambda m, i, o: out.setdefault("x", o))
+    model(torch.randn(2, 3, 32, 32))
+    h.remove()
+    assert out["x"].shape[-2:] == (8, 8)
+
+
+def test_mlp_levels_and_custom_layers():
+    model = build_model("mlp", 4, (1, 6, 6), hidden=16, depth=2, bias=True).eval()
+    with record_features(model) as feats:
+        model(torch.randn(3, 1, 6, 6))
+    assert list(feats) == ["hidden1", "hidden2", PENULTIMATE]
+    # any module: name the levels and the classifier explicitly
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    with record_features(net, {"relu": net[1]}, classifier=net[2]) as feats:
+        net(torch.randn(4, 5))
+    assert feats["relu"].shape == (4, 7) and feats[PENULTIMATE].shape == (4, 7)
+    with pytest.raises(ValueError, match="layers"):
+        stage_modules(net)
+
+
+@pytest.mark.parametrize("model_name, bias", [("resnet18", False), ("mlp", True)])
+def test_streaming_equals_materialised(model_name, bias):
+    torch.manual_seed(1)
+    K, n = 4, 9
+    x = torch.randn(K * n, 1, 8, 8) + torch.arange(K).repeat_interleave(n)[:, None, None, None] * 0.3
+    y = torch.arange(K).repeat_interleave(n)
+    width = 0.125 if model_name == "resnet18" else 1.0
+    model = build_model(model_name, K, (1, 8, 8), width=width, bias=bias, hidden=12).eval()
+    streamed = measure_layers(model, batches(x, y, 7), K,
+                              sample_loss=lambda f, t: nn.functional.cross_entropy(f, t, reduction="none"))
+    with torch.no_grad(), record_features(model) as feats:
+        logits = model(x)
+        full = {k: v.clone() for k, v in feats.items()}
+    W = model.fc.weight.detach()
+    b = None if model.fc.bias is None else model.fc.bias.detach()
+    for level, H in full.items():
+        want = measure(H, y, W, b) if level == PENULTIMATE else measure(H, y)
+        got = streamed[level]
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (level, k)
+    net = streamed["network"]
+    assert net["accuracy"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+    assert net["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-6)
+    assert net["samples"] == K * n
+    assert list(streamed)[:-1][-1] == PENULTIMATE
+
+
+def test_mlp_class_is_a_module():
+    assert isinstance(MLP(3, 4), nn.Module)
