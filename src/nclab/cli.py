@@ -104,7 +104,10 @@ def _cmd_theory(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nclab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nclab", description="nclab: a laboratory for neural collapse. Exact unconstrained-features "
+        "models and their theory, collapse metrics (NC1-NC4) for any features, and the experiments of "
+        "Tirer & Bruna (ICML 2022).")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _registrars():

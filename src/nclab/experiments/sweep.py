@@ -35,25 +35,29 @@ def run_sweep(kind: str, out_dir: Path, *, K: int = 4, n: int = 50, d: int = 20,
     lam = c_grid / (K * n ** (1 / m))  # equal λs give c_m = K (n λ^m)^(1/m) = K n^(1/m) λ
     stds = (0.1,) if m == 2 else tuple(init_stds)
     model = ufm.UFM(K, n, (d,) * (m - 1), (1.0,) * m)
-    lams = np.repeat(lam[None, :, None], len(stds), axis=0).reshape(-1, 1) * np.ones((1, m))
-    std = np.repeat(np.asarray(stds, dtype=float), points)
+    lams = lam[:, None] * np.ones((1, m))  # (points, m)
     steps = steps or (20_000 if m == 2 else 30_000)
-    if not quiet:
-        print(f"sweep {kind}: {len(lams)} problems x {steps} GD steps in one batched run", flush=True)
-    result = ufm.solve(model, steps=steps, lr=lr, seeds=np.arange(len(lams)) + seed, lams=lams,
-                       init_std=std, device=device, log_every=steps, progress=not quiet)
-    return _write(kind, out_dir, result, c_grid, lam, std, stds, m, c_crit, model)
+    results = []
+    for j, s in enumerate(stds):  # one batched run per initialisation scale, each with a stable step
+        seeds = np.arange(points) + seed + j * points
+        step = min(lr, ufm.suggest_lr(model, seeds=seeds, lams=lams, init_std=s))
+        if not quiet:
+            print(f"sweep {kind}: {points} problems, init std {s:g}, {steps} GD steps of {step:.3g}, "
+                  "in one batched run", flush=True)
+        results.append(ufm.solve(model, steps=steps, lr=step, seeds=seeds, lams=lams, init_std=s,
+                                 device=device, log_every=steps, progress=not quiet))
+    return _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model)
 
 
-def _write(kind, out_dir, result, c_grid, lam, std, stds, m, c_crit, model):
-    points = len(c_grid)
-    f = result.final("objective")
-    f_star = result.f_star
+def _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model):
     last = f"H{model.L}"
-    rows = [{"c": c_grid[i % points], "lam": lam[i % points], "init_std": std[i], "objective": f[i],
-             "f_star": f_star[i], "gap": f[i] - f_star[i],
-             **{f"{lv}.{k}": result.final(f"{lv}.{k}")[i] for lv in (f"H{l}" for l in range(1, model.L + 1))
-                for k in ("nc1", "nc2_of", "nc2_etf")}} for i in range(len(f))]
+    levels = [f"H{l}" for l in range(1, model.L + 1)]
+    rows = []
+    for s, r in zip(stds, results):
+        for i, c in enumerate(c_grid):
+            rows.append({"c": c, "lam": lam[i], "init_std": s, "lr": r.settings["lr"],
+                         "objective": r.final("objective")[i], "f_star": r.f_star[i], "gap": r.final("gap")[i],
+                         **{f"{lv}.{k}": r.final(f"{lv}.{k}")[i] for lv in levels for k in ("nc1", "nc2_of", "nc2_etf")}})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
@@ -63,14 +67,12 @@ def _write(kind, out_dir, result, c_grid, lam, std, stds, m, c_crit, model):
     fine = np.linspace(c_grid[0], c_grid[-1], 400)
     theory_f = [theory.phi(m, c, theory.t_star(m, c)) if theory.t_star(m, c) > 0 else 0.5 for c in fine]
     label = lambda s: f"GD, init std {s:g}"  # noqa: E731
-    curves = {label(s): f[j * points:(j + 1) * points] for j, s in enumerate(stds)}
-    metric = {f"final NC1 of {last}": {label(s): result.final(f"{last}.nc1")[j * points:(j + 1) * points]
-                                        for j, s in enumerate(stds)},
-              f"final NC2 (OF) of {last}": {label(s): result.final(f"{last}.nc2_of")[j * points:(j + 1) * points]
-                                             for j, s in enumerate(stds)}}
+    curves = {label(s): r.final("objective") for s, r in zip(stds, results)}
+    metric = {f"final NC1 of {last}": {label(s): r.final(f"{last}.nc1") for s, r in zip(stds, results)},
+              f"final NC2 (OF) of {last}": {label(s): r.final(f"{last}.nc2_of") for s, r in zip(stds, results)}}
     x_label = "c = K√(nλ_Hλ_W)" if m == 2 else "c₃ = K(nλ_H1λ_W1λ_W2)^(1/3)"
     title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={model.K}, n={model.class_counts[0]}, "
-             f"d={model.dims[0]}, equal λ, {result.iterations} GD steps")
+             f"d={model.dims[0]}, equal λ, {results[0].iterations} GD steps")
     fig = sweep_figure(c_grid, x_label, curves, fine, theory_f, c_crit, title, metric)
     save_figure(fig, out_dir / f"sweep-{kind}")
     return csv_path

@@ -7,7 +7,7 @@
 """
 from nclab.ufm.engine import gradients, initial_parameters, objective, smoothness_estimate
 from nclab.ufm.model import UFM, extended, plain
-from nclab.ufm.solve import DivergenceError, Result, optimal_objective, solve
+from nclab.ufm.solve import DivergenceError, Result, optimal_objective, solve, suggest_lr
 
 __all__ = ["UFM", "DivergenceError", "Result", "extended", "gradients", "initial_parameters",
-           "objective", "optimal_objective", "plain", "smoothness_estimate", "solve"]
+           "objective", "optimal_objective", "plain", "smoothness_estimate", "solve", "suggest_lr"]

@@ -52,6 +52,15 @@ def optimal_objective(model: UFM, lams=None, *, strict: bool = True) -> float | 
     return theory.f_star_imbalanced(model.class_counts, lams, bias=bias)
 
 
+def suggest_lr(model: UFM, *, seeds=(0,), lams=None, init_std=0.1) -> float:
+    """A safe GD step size 1/L for these problems, L the largest Hessian eigenvalue at
+    their initial points (:func:`nclab.ufm.smoothness_estimate`); GD needs η < 2/L there."""
+    B, seeds, lam_arr, std = _broadcast_batch(model, seeds, lams, init_std, None)
+    prog = Program(model, lam_arr, NumpyOps, np.float64)
+    est = smoothness_estimate(prog, initial_parameters(model, seeds, std))
+    return float(1.0 / est.max())
+
+
 @dataclass
 class Result:
     """What :func:`solve` returns.
