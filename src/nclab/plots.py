@@ -29,9 +29,15 @@ def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float
     """
     it = history["iteration"]
     ax = axes[0]
-    ax.plot(it, history["objective"], color="black", label="objective")
+    ax.plot(it, history["objective"], color="black", label="objective f")
     if f_star is not None and np.isfinite(f_star):
         ax.axhline(f_star, color="gray", ls="--", label=f"f* = {f_star:.6g}")
+        if f_star > 0:  # the gap on a twin log axis: convergence is invisible on the objective's scale
+            twin = ax.twinx()
+            twin.plot(it, _positive(history["gap"]), color="tab:green", lw=1, label="f - f*")
+            twin.set_yscale("log")
+            twin.set_ylabel("f - f*", color="tab:green")
+            twin.legend(fontsize=8, loc="center right")
     ax.set_yscale("log")
     ax.set_title(f"objective{label}")
     for ax, key, title in ((axes[1], "nc1", "NC1: (1/K) Tr(Σ_W Σ_B⁺)"),

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from nclab.experiments import config as C
 from nclab.experiments import report, runner, sweep
+from nclab.nets.experiment import NETWORK_EXPERIMENTS  # network figures: run only when named
 
-#: paper experiments on real networks (nclab.nets); run only when named
-NETWORK_EXPERIMENTS = ("fig5", "fig10")
 QUICK_FACTOR = 20
 
 

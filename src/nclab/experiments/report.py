@@ -38,13 +38,14 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
     zero_opt = th.get("collapsed_to_zero", False)
     for level, m in summary["levels"].items():
         no_structure = relu and level == "H1"
-        expect_zero = "not predicted (H1 of the ReLU model is not unique)" if no_structure else "0"
+        expect_zero = "not predicted (the ReLU model's H1 geometry is not unique)" if no_structure else "0"
         if summary["objective_optimal"] == 0.0 and not th:
             expect_zero = "no prediction (λ = 0: no collapse forced)"
         if zero_opt:
             expect_zero = "undefined (optimum is H = 0)"
         other_value = "0 (an OF centred is an ETF)" if frame == "of" else f"{ETF_OF.get(K, float('nan')):.4f}"
-        lines += [f"| {level} NC1 | {_fmt(m['nc1'])} | {expect_zero} |",
+        nc1_expect = "0" if no_structure else expect_zero  # NC1 holds at every level (THEORY §3.4)
+        lines += [f"| {level} NC1 | {_fmt(m['nc1'])} | {nc1_expect} |",
                   f"| {level} NC2 to {frame.upper()} | {_fmt(m[f'nc2_{frame}'])} | {expect_zero} |",
                   f"| {level} NC2 to {other.upper()} | {_fmt(m[f'nc2_{other}'])} | "
                   f"{expect_zero if no_structure or zero_opt or expect_zero.startswith('no') else other_value} |",

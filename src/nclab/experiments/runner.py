@@ -137,8 +137,10 @@ def _write_folder(out_dir: Path, cfg, rows, summary, frame) -> None:
         write_json(tmp / "summary.json", summary)
         history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         restarts = cfg["solver"]["restarts"]
-        title = (f"{summary['title']}  |  final gap to f*: "
-                 + (f"{summary['gap']:.2e}" if summary["gap"] is not None else "n/a (no closed form)")
+        rel = summary["relative_gap"]
+        title = (f"{summary['title']}  |  final (f - f*)/f*: "
+                 + (f"{rel:.2e}" if rel is not None else "n/a (no closed form)" if summary["gap"] is None
+                    else f"n/a (f* = 0; f = {summary['objective']:.2e})")
                  + (f"  |  best of {restarts} restarts" if restarts > 1 else ""))
         levels = [f"H{l}" for l in range(1, C.model_from(cfg).L + 1)]
         save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), tmp / "figure")

@@ -128,7 +128,7 @@ def report_markdown(summary: dict, rel_dir: str) -> str:
     """A report section: figure link, data source, final per-level NC1/NC2/NC3 and accuracy."""
     name = summary.get("experiment", "network")
     real = summary.get("real_data", False)
-    lines = [f"### {name}: ResNet18 layer-wise collapse", "",
+    lines = [f"## {name}: ResNet18 layer-wise collapse", "",
              f"![{name}]({rel_dir}/figure.png)", "",
              f"Data: {summary.get('data_source', '?')} — "
              + ("real data." if real else "**scikit-learn digits, an offline stand-in; not the paper's data.**"),
