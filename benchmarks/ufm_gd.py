@@ -58,7 +58,7 @@ def reference_run(model: ufm.UFM, steps: int, lr: float, dtype, seed: int = 0, l
         if it % log_every == 0:
             for Hl in levels:
                 reference_nc1(Hl.detach().double().numpy(), y, model.K)
-    return float(loss)
+    return float(loss.detach())
 
 
 def rate(fn, steps, repeats=2):

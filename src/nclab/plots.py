@@ -74,32 +74,25 @@ def ufm_figure(history: dict, levels: list[str], frame: str, f_star: float | Non
     return fig
 
 
-def sweep_figure(x, x_label: str, curves: dict, theory_x, theory_f, threshold: float, title: str,
-                 metric_curves: dict):
-    """Phase diagram: final objective vs x with the theory's f* curve, and final NC metrics.
+def sweep_figure(x, x_label: str, panels: list[dict], threshold: float, title: str):
+    """Phase diagram: one panel per quantity against x, the theory's curve where known.
 
-    ``curves``: label -> final objectives (len(x)); ``metric_curves``: panel title ->
-    {label: values}.
+    Each panel is a dict: ``title``, ``series`` {label: values (len(x))}, optional
+    ``theory`` (x_fine, y_fine) drawn as a black line, ``log`` (log y axis).
     """
-    fig, axes = plt.subplots(1, 1 + len(metric_curves), figsize=(5.2 * (1 + len(metric_curves)), 4))
-    ax = axes[0]
-    ax.plot(theory_x, theory_f, color="black", lw=2, label="theory f*")
-    for label, f in curves.items():
-        ax.plot(x, f, "o", ms=4, alpha=0.8, label=label)
-    ax.axvline(threshold, color="gray", ls=":", label=f"threshold {threshold:.4g}")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("final objective")
-    ax.set_title("objective after GD vs exact optimum")
-    for ax, (panel, series) in zip(axes[1:], metric_curves.items()):
-        for label, v in series.items():
-            ax.plot(x, _positive(v), "o-", ms=3, label=label)
-        ax.axvline(threshold, color="gray", ls=":")
-        ax.set_yscale("log")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4))
+    for ax, panel in zip(np.atleast_1d(axes), panels):
+        if panel.get("theory") is not None:
+            ax.plot(*panel["theory"], color="black", lw=2, label="theory")
+        for label, v in panel["series"].items():
+            ax.plot(x, _positive(v) if panel.get("log") else v, "o", ms=4, alpha=0.8, label=label)
+        ax.axvline(threshold, color="gray", ls=":", label=f"threshold {threshold:.4g}")
+        if panel.get("log"):
+            ax.set_yscale("log")
         ax.set_xlabel(x_label)
-        ax.set_title(panel)
-    for ax in axes:
+        ax.set_title(panel["title"])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

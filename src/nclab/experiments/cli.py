@@ -49,7 +49,7 @@ def register(sub) -> None:
     s.add_argument("--points", type=int, default=25, help="grid points in c")
     s.add_argument("--steps", type=int, help="GD iterations (default 20000 plain, 30000 extended)")
     s.add_argument("--lr", type=float, default=0.1)
-    s.add_argument("--init-std", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+    s.add_argument("--init-std", type=float, nargs="+", default=[0.01, 0.1, 0.5],
                    help="initialisation scales (extended sweep)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--quiet", action="store_true")

@@ -18,8 +18,6 @@ import copy
 import sys
 from pathlib import Path
 
-import tomli_w
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -198,4 +196,6 @@ def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
 
 def dumps(cfg: dict) -> str:
     """TOML text of a config (round-trips through :func:`validate`)."""
+    import tomli_w  # imported here: reading configs must not need it
+
     return tomli_w.dumps(cfg)

@@ -120,11 +120,14 @@ class Program:
 
     def __init__(self, model: UFM, lams, ops, dtype, device=None, lam_b=None):
         self.model, self.ops, self.dtype, self.device = model, ops, dtype, device
-        lams = np.asarray(lams, dtype=np.float64).reshape(-1, model.L + 1)
+        lams = np.array(lams, dtype=np.float64).reshape(-1, model.L + 1)
+        self.lams = lams  # (B, L+1), float64 numpy: what the program was built from
         self.B = lams.shape[0]
         self.names = list(model.factor_shapes())
         self.lam = {name: self._array(lams[:, i].reshape(-1, 1, 1)) for i, name in enumerate(self.names)}
-        self.lam_b = self._array(np.full((self.B, 1, 1), model.lam_b if lam_b is None else lam_b))
+        self.lam_b_values = np.broadcast_to(np.asarray(model.lam_b if lam_b is None else lam_b, dtype=np.float64),
+                                            (self.B,)).copy()
+        self.lam_b = self._array(self.lam_b_values.reshape(-1, 1, 1))
         Y = np.zeros((1, model.N, model.K))
         Y[0, np.arange(model.N), model.labels()] = 1.0
         self.Y = self._array(Y)
@@ -295,7 +298,7 @@ def smoothness_estimate(program: Program, P, iters: int = 15, eps: float = 1e-6)
     Hessian-vector products are central differences of the analytic gradient, in float64.
     GD with step η is stable near a point only if η < 2/L; 1/L is a safe choice.
     """
-    f64 = Program(program.model, _lams_of(program), NumpyOps, np.float64, lam_b=_lam_b_of(program))
+    f64 = Program(program.model, program.lams, NumpyOps, np.float64, lam_b=program.lam_b_values)
     X = {k: np.asarray(program.ops.to_torch(v).detach().cpu(), dtype=np.float64) for k, v in P.items()}
 
     def norm(D):  # per-problem Euclidean norm over all parameters, shape (B, 1, 1)
@@ -313,15 +316,6 @@ def smoothness_estimate(program: Program, P, iters: int = 15, eps: float = 1e-6)
         V = {k: (gp[k] - gm[k]) / (2 * step) for k in X}
         est = norm(V)[:, 0, 0]
     return est
-
-
-def _lams_of(program: Program) -> np.ndarray:
-    return np.stack([np.asarray(program.ops.to_torch(program.lam[k]).cpu(), dtype=np.float64)[:, 0, 0]
-                     for k in program.names], axis=1)
-
-
-def _lam_b_of(program: Program) -> np.ndarray:
-    return np.asarray(program.ops.to_torch(program.lam_b).cpu(), dtype=np.float64).reshape(-1, 1, 1)
 
 
 def _program_for(model: UFM, params: dict, lams=None):

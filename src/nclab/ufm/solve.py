@@ -256,8 +256,8 @@ def _broadcast_batch(model, seeds, lams, init_std, init):
     if len(sizes) > 1:
         raise ValueError(f"seeds/lams/init_std/init: batch sizes {sorted(sizes)} disagree; give one B or 1")
     B = sizes.pop() if sizes else 1
-    return (B, np.broadcast_to(seeds, (B,)), np.ascontiguousarray(np.broadcast_to(lam_arr, (B, model.L + 1))),
-            np.broadcast_to(std, (B,)))
+    return (B, np.broadcast_to(seeds, (B,)).copy(), np.broadcast_to(lam_arr, (B, model.L + 1)).copy(),
+            np.broadcast_to(std, (B,)).copy())
 
 
 def _pick_backend(backend, device):

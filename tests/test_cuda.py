@@ -1,0 +1,40 @@
+"""CUDA paths (skipped without a GPU; run by benchmarks/gpu_all.sh on a GPU machine)."""
+import numpy as np
+import pytest
+import torch
+
+from nclab import collapsed_configuration, measure, ufm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_measure_on_cuda_equals_cpu():
+    H, y, W = collapsed_configuration(10, 64, 50, noise=0.3, seed=0, dtype=torch.float32)
+    cpu = measure(H, y, W)
+    gpu = measure(H.cuda(), y.cuda(), W.cuda())
+    for k in cpu:
+        assert gpu[k] == pytest.approx(cpu[k], rel=1e-9, abs=1e-12), k
+
+
+def test_ufm_solve_on_cuda_equals_cpu_in_float64():
+    model = ufm.extended(4, 10, 8, 8, 0.005, 0.005, 0.005, relu=True)
+    cpu = ufm.solve(model, steps=2000, lr=0.1, seeds=range(3), log_every=500)
+    gpu = ufm.solve(model, steps=2000, lr=0.1, seeds=range(3), log_every=500, device="cuda")
+    assert gpu.settings["backend"] == "torch"
+    np.testing.assert_allclose(gpu.history["objective"], cpu.history["objective"], rtol=1e-10)
+    np.testing.assert_allclose(gpu.history["H2.nc1"], cpu.history["H2.nc1"], rtol=1e-6, atol=1e-20)
+
+
+def test_ufm_float32_batch_on_cuda_converges():
+    model = ufm.extended(4, 50, 20, 20, 0.005, 0.005, 0.005)
+    r = ufm.solve(model, steps=20_000, lr=0.1, seeds=range(256), dtype="float32", device="cuda",
+                  log_every=20_000)
+    assert np.median(np.abs(r.final("gap") / r.f_star)) < 1e-4
+
+
+def test_network_training_on_cuda(tmp_path):
+    from nclab.nets.experiment import run_network_experiment
+
+    summary = run_network_experiment("fig5", tmp_path / "fig5", device="cuda", quiet=True, quick=True)
+    assert (tmp_path / "fig5" / "figure.png").is_file()
+    assert summary
