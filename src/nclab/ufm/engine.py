@@ -56,6 +56,11 @@ class NumpyOps:
         return E / s, (np.log(s) + zmax)[..., 0]
 
     @staticmethod
+    def sum_rows(x):
+        """Σ over the sample axis, keeping it: (B, N, K) -> (B, 1, K)."""
+        return x.sum(axis=-2, keepdims=True)
+
+    @staticmethod
     def to_torch(x):
         return torch.from_numpy(x)
 
@@ -94,6 +99,10 @@ class TorchOps:
     def softmax_and_logsumexp(Z):
         lse = torch.logsumexp(Z, dim=-1)
         return torch.exp(Z - lse[..., None]), lse
+
+    @staticmethod
+    def sum_rows(x):
+        return x.sum(dim=-2, keepdim=True)
 
     @staticmethod
     def to_torch(x):
@@ -181,7 +190,7 @@ class Program:
         _, R = self.fit_and_residual(Z)
         grads = {}
         if self.model.has_bias:
-            grads["b"] = R.sum(-2, keepdims=True) if self.ops is NumpyOps else R.sum(-2, keepdim=True)
+            grads["b"] = self.ops.sum_rows(R)
             if self.model.bias == "reg":
                 grads["b"] = grads["b"] + self.lam_b * P["b"]
         G = R
@@ -239,7 +248,7 @@ class Program:
             S, _ = self.ops.softmax_and_logsumexp(Z)
             R = (S - self.Y) * (lr * self.inv_N)
         if model.has_bias:
-            gb = R.sum(-2, keepdims=True) if self.ops is NumpyOps else R.sum(-2, keepdim=True)
+            gb = self.ops.sum_rows(R)
             if model.bias == "reg":
                 P["b"] *= 1 - lr * self.lam_b
             P["b"] -= gb

@@ -178,8 +178,8 @@ class _Recorder:
         self.rows: dict[str, list] = {}
 
     def log(self, it: int, P) -> np.ndarray:
-        levels, _, _ = self.prog.forward(P)
-        fit, reg = (as_float(x) for x in self.prog.objective(P))
+        levels, _, Z = self.prog.forward(P)
+        fit, reg = as_float(self.prog.fit_and_residual(Z)[0]), as_float(self.prog.regulariser(P))
         obj = fit + reg
         self._add("iteration", it)
         self._add("objective", obj)
@@ -191,15 +191,23 @@ class _Recorder:
         return obj
 
     def _level_metrics(self, levels, P):
+        """NC metrics of every level; levels of equal width share one batched kernel call."""
         ops, model = self.prog.ops, self.prog.model
         maps = self.prog.maps_to_output(P)
         b = ops.to_torch(P["b"])[:, 0, :].double() if model.has_bias else None
-        for l, (H, W) in enumerate(zip(levels, maps), start=1):
-            last = l == model.L
-            vals = collapse_metrics_t(ops.to_torch(H), self.y, model.K, ops.to_torch(W).double(),
-                                      b if last else None)
-            for key in LEVEL_METRICS + (("nc4",) if last else ()):
-                self._add(f"H{l}.{key}", as_float(vals[key]))
+        by_width: dict[int, list[int]] = {}
+        for l, H in enumerate(levels):
+            by_width.setdefault(H.shape[-1], []).append(l)
+        for group in by_width.values():
+            H = torch.cat([ops.to_torch(levels[l]) for l in group])
+            W = torch.cat([ops.to_torch(maps[l]) for l in group]).double()
+            bias = None if b is None else b.repeat(len(group), 1)  # used by nc4, kept for the last level only
+            vals = collapse_metrics_t(H, self.y, model.K, W, bias)
+            for j, l in enumerate(group):
+                last = l == model.L - 1
+                rows = slice(j * self.prog.B, (j + 1) * self.prog.B)
+                for key in LEVEL_METRICS + (("nc4",) if last else ()):
+                    self._add(f"H{l + 1}.{key}", as_float(vals[key][rows]))
 
     def _add(self, key, value):
         self.rows.setdefault(key, []).append(value)
