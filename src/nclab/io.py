@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 @contextlib.contextmanager
@@ -20,6 +28,8 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -41,6 +51,34 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Write dict rows as CSV atomically; floats with repr (round-trip exact)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()})
+    write_text(path, buf.getvalue())
+
+
+def read_toml(path, name: str = "CONFIG") -> dict:
+    """Parse a TOML file; a one-line ValueError naming ``name`` when missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{name}: {path} is not valid TOML ({exc})") from None
+
+
+def toml_text(obj: dict) -> str:
+    """TOML text of a dict (tomli-w, imported here: reading must not need it)."""
+    import tomli_w
+
+    return tomli_w.dumps(obj)
 
 
 FEATURE_KEYS = ("features", "labels", "weights", "bias")

@@ -16,7 +16,7 @@ LEVEL_STYLE = {"H1": dict(color="tab:blue"), "H2": dict(color="tab:red"),
 FRAME_NAME = {"of": "orthogonal frame", "etf": "simplex ETF"}
 
 
-def _positive(values):
+def log_safe(values):
     """Values for a log axis: non-positive entries (exact zeros) become NaN gaps."""
     v = np.asarray(values, dtype=float)
     return np.where(v > 0, v, np.nan)
@@ -34,7 +34,7 @@ def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float
         ax.axhline(f_star, color="gray", ls="--", label=f"f* = {f_star:.6g}")
         if f_star > 0:  # the gap on a twin log axis: convergence is invisible on the objective's scale
             twin = ax.twinx()
-            twin.plot(it, _positive(history["gap"]), color="tab:green", lw=1, label="f - f*")
+            twin.plot(it, log_safe(history["gap"]), color="tab:green", lw=1, label="f - f*")
             twin.set_yscale("log")
             twin.set_ylabel("f - f*", color="tab:green")
             twin.legend(fontsize=8, loc="center right")
@@ -44,7 +44,7 @@ def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float
                            (axes[2], f"nc2_{frame}", f"NC2: distance to {FRAME_NAME[frame]}"),
                            (axes[3], "nc3", "NC3: alignment of W with means")):
         for level in levels:
-            ax.plot(it, _positive(history[f"{level}.{key}"]), label=level, **LEVEL_STYLE.get(level, {}))
+            ax.plot(it, log_safe(history[f"{level}.{key}"]), label=level, **LEVEL_STYLE.get(level, {}))
         ax.set_yscale("log")
         ax.set_title(title)
     for ax in axes:
@@ -85,7 +85,7 @@ def sweep_figure(x, x_label: str, panels: list[dict], threshold: float, title: s
         if panel.get("theory") is not None:
             ax.plot(*panel["theory"], color="black", lw=2, label="theory")
         for label, v in panel["series"].items():
-            ax.plot(x, _positive(v) if panel.get("log") else v, "o", ms=4, alpha=0.8, label=label)
+            ax.plot(x, log_safe(v) if panel.get("log") else v, "o", ms=4, alpha=0.8, label=label)
         ax.axvline(threshold, color="gray", ls=":", label=f"threshold {threshold:.4g}")
         if panel.get("log"):
             ax.set_yscale("log")

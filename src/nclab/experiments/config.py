@@ -15,14 +15,9 @@ ValueError like ``config: solver.steps must be an integer, got 'many'``.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from nclab.io import read_toml, tomllib, toml_text
 from nclab.ufm.model import ACTIVATIONS, BIASES, LOSSES, UFM
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -149,14 +144,7 @@ def expected_frame(cfg: dict) -> str:
 
 def load(path) -> dict:
     """Read and validate a TOML config; a one-line ValueError for unreadable files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"CONFIG: {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"CONFIG: {path} is not valid TOML ({exc})") from None
-    return validate(raw)
+    return validate(read_toml(path, "CONFIG"))
 
 
 def builtin(name: str) -> dict:
@@ -196,6 +184,4 @@ def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
 
 def dumps(cfg: dict) -> str:
     """TOML text of a config (round-trips through :func:`validate`)."""
-    import tomli_w  # imported here: reading configs must not need it
-
-    return tomli_w.dumps(cfg)
+    return toml_text(cfg)

@@ -7,8 +7,6 @@ no half-written folder behind.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import shutil
@@ -19,7 +17,7 @@ import numpy as np
 
 from nclab import theory, ufm
 from nclab.experiments import config as C
-from nclab.io import write_json, write_text
+from nclab.io import write_csv, write_json, write_text
 from nclab.plots import save_figure, ufm_figure
 from nclab.ufm.solve import LEVEL_METRICS
 
@@ -119,21 +117,12 @@ def _clean(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
 def _write_folder(out_dir: Path, cfg, rows, summary, frame) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write_text(tmp / "config.toml", C.dumps(cfg))
-        write_text(tmp / "metrics.csv", _csv_text(rows))
+        write_csv(tmp / "metrics.csv", rows)
         write_json(tmp / "summary.json", summary)
         history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         restarts = cfg["solver"]["restarts"]

@@ -8,14 +8,12 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
 from nclab import theory, ufm
-from nclab.io import write_text
+from nclab.io import write_csv
 from nclab.plots import save_figure, sweep_figure
 
 SWEEPS = ("plain", "extended")
@@ -72,12 +70,8 @@ def _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model):
                          "objective": r.final("objective")[i], "f_star": r.f_star[i], "gap": r.final("gap")[i],
                          "t": t[i], "t_star": theory.t_star(m, c),
                          **{f"{lv}.{k}": r.final(f"{lv}.{k}")[i] for lv in levels for k in ("nc1", "nc2_of", "nc2_etf")}})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
     csv_path = out_dir / f"sweep-{kind}.csv"
-    write_text(csv_path, buf.getvalue())
+    write_csv(csv_path, rows)
     fine = np.linspace(c_grid[0], c_grid[-1], 600)
     t_fine = np.array([theory.t_star(m, c) for c in fine])
     f_fine = [theory.phi(m, c, t) if t > 0 else 0.5 for c, t in zip(fine, t_fine)]
