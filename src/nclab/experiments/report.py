@@ -17,6 +17,10 @@ def _fmt(x) -> str:
     return f"{x:.3e}" if (abs(x) < 1e-3 or abs(x) >= 1e4) and x != 0 else f"{x:.6g}"
 
 
+def _fmt_objective(x) -> str:
+    return "—" if x is None else f"{x:.10g}"
+
+
 def ufm_section(summary: dict, rel_dir: str) -> str:
     """Markdown for one UFM experiment: figure link and the comparison table."""
     th = summary.get("theory") or {}
@@ -33,8 +37,10 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
              f"[metrics.csv]({rel_dir}/metrics.csv) · [summary.json]({rel_dir}/summary.json) · "
              f"[config.toml]({rel_dir}/config.toml)", "",
              "| quantity | measured | theory |", "|---|---|---|",
-             f"| final objective | {_fmt(summary['objective'])} | {_fmt(summary['objective_optimal'])} |",
-             f"| relative gap to f* | {_fmt(summary['relative_gap'])} | 0 |"]
+             f"| final objective | {_fmt_objective(summary['objective'])} | "
+             f"{_fmt_objective(summary['objective_optimal'])} |",
+             f"| gap f − f* (relative) | {_fmt(summary['gap'])} ({_fmt(summary['relative_gap'])}) | "
+             f"{'—' if summary['objective_optimal'] is None else '0'} |"]
     zero_opt = th.get("collapsed_to_zero", False)
     for level, m in summary["levels"].items():
         no_structure = relu and level == "H1"

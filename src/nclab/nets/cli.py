@@ -13,10 +13,10 @@ from nclab.nets.train import TrainConfig
 
 _HELP = {
     "dataset": "digits (offline default), mnist or cifar10",
-    "data": "folder with MNIST/raw/ or cifar-10-batches-py/ (torchvision's layout)",
+    "data": "folder with MNIST/raw/ or cifar-10-batches-py/ (torchvision's layout; saved as an absolute path)",
     "per_class": "train on a balanced subsample of n images per class",
     "model": "resnet18 or mlp",
-    "stem": "resnet18 stem: small (3x3, stride 1) or imagenet (7x7 stride 2 + max-pool)",
+    "stem": "resnet18 stem: small (3x3, stride 1) or imagenet (7x7 stride 2 + max-pool); not with --model mlp",
     "width": "channel multiplier (1 = 64..512 channels)",
     "bias": "classifier bias",
     "loss": "mse (1/(2N)||F-Y||^2, the UFM scaling), mse_torch (torch.nn.MSELoss) or ce",
@@ -28,7 +28,8 @@ _HELP = {
     "lr_step": "divide the lr by 1/lr_gamma every lr_step epochs",
     "lr_gamma": "lr factor per step",
     "eval_every": "measure collapse every this many epochs (and after the last)",
-    "measure_per_class": "images per class measured from the train and test sets",
+    "measure_per_class": "images per class measured from the train and test sets (default: about 10%% of "
+                         "the training set)",
     "measure_batch_size": "batch size of the metric pass",
     "seed": "random seed",
     "device": "cpu, cuda or cuda:N",
@@ -46,15 +47,18 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (an existing run needs --resume)")
     p.add_argument("--config", help="TOML file of settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = "" if f.default is None else f" (default {f.default})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=_HELP[f.name])
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=_HELP[f.name] + default)
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
         p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                       help=f"{_HELP[f.name]} (default {f.default})")
+                       help=_HELP[f.name] + default)
     p.set_defaults(func=_cmd_train)
 
 
@@ -65,30 +69,36 @@ def _cmd_train(args) -> None:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     experiment, runs = runs_from_config(args.config) if args.config else ("", {"": TrainConfig()})
-    runs = {k: TrainConfig.from_dict(c.to_dict() | overrides) for k, c in runs.items()}
+    runs = {k: TrainConfig.from_dict(c.to_dict() | overrides) for k, c in runs.items()}  # data made absolute
     if list(runs) == [""]:
-        summary = train(runs[""], args.out, resume=args.resume, quiet=args.quiet)
+        summary = train(runs[""], args.out, resume=args.resume, force=args.force, quiet=args.quiet)
         _print_final(summary)
     else:
         summary = train_runs(runs, args.out, experiment=experiment or "custom", quiet=args.quiet,
-                             resume=args.resume)
+                             resume=args.resume, force=args.force)
         for run, s in summary["runs"].items():
             print(f"[{run}]")
             _print_final(s)
 
 
 def _print_final(summary: dict) -> None:
+    """Final metrics per split and level; NC3 against the run's frame (OF or ETF)."""
     if "final" not in summary or "train" not in summary["final"]:
         return
-    fin = summary["final"]
+    from nclab.nets.train import nc3_frame
+
+    fin, cfg = summary["final"], summary["config"]
+    frame = nc3_frame(cfg["loss"], cfg.get("bias", False))
     print(f"{summary['data_source']}; epoch {summary['final_epoch']}; metric pass / epoch = "
-          f"{summary['metric_pass_over_epoch']:.3f}")
+          f"{summary['metric_pass_over_epoch']:.3f}; NC3 ({frame.upper()}) = nc3_{frame}")
     for split, levels in fin.items():
         net = levels.get("network", {})
         if "accuracy" not in net:
             continue
-        print(f"  {split}: accuracy {net['accuracy']:.4f}, objective {net.get('objective', float('nan')):.4g}")
+        print(f"  {split} (measured subsample, eval mode): accuracy {net['accuracy']:.4f}, "
+              f"objective {net.get('objective', float('nan')):.4g}")
         for level, m in levels.items():
             if level != "network":
-                extra = f"  nc3_etf {m['nc3_etf']:.3e}  nc4 {m['nc4']:.3f}" if "nc3_etf" in m else ""
+                key = f"nc3_{frame}"
+                extra = f"  {key} {m[key]:.3e}  nc4 {m['nc4']:.3f}" if key in m else ""
                 print(f"    {level:<12} nc1 {m['nc1']:.3e}  nc2_etf {m['nc2_etf']:.3e}{extra}")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,11 +165,12 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped when the name ends in .gz) of unsigned bytes.
 
     Format: 2 zero bytes, type code 0x08 (uint8), number of dimensions r, then r
-    big-endian int32 sizes, then the data. Raises DataError when the file is corrupt.
+    big-endian int32 sizes, then the data. Raises DataError when the file is unreadable,
+    corrupt (bad gzip stream, bad magic number) or truncated.
     """
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"data: cannot read {path} ({exc}); the file is corrupt, download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] not in (1, 3):
         raise DataError(f"data: {path} is not an IDX file of bytes (bad magic number {raw[:4].hex()}); "
@@ -175,7 +178,7 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
-    if len(raw) != offset + int(np.prod(shape)):
+    if len(raw) != offset + math.prod(shape):
         raise DataError(f"data: {path} has {len(raw) - offset} data bytes but its header says shape "
                         f"{shape}; the file is truncated or corrupt, download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
@@ -189,9 +192,12 @@ def _mnist_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise DataError(f"data: {folder} lacks {name}[.gz]; MNIST needs all four IDX files")
         arrays.append(read_idx(path))
     images, labels = arrays
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"data: MNIST {split} images in {folder} have shape {images.shape}; expected "
+                        "(n, 28, 28); download them again")
+    if labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
         raise DataError(f"data: MNIST {split} files in {folder} disagree (images {images.shape}, "
-                        f"labels {labels.shape}); download them again")
+                        f"labels {labels.shape}, labels in 0..9 expected); download them again")
     mean, std = MNIST_MEAN_STD
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
     x = torch.nn.functional.pad((x - mean) / std, (2, 2, 2, 2), value=-mean / std)
@@ -243,7 +249,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # pickle raises many different types on garbage
         raise DataError(f"data: cannot read CIFAR-10 batch {path} ({type(exc).__name__}: {exc}); "
                         "the file is corrupt, download and unpack it again") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or labels.max(initial=0) > 9:
+    bad_labels = len(labels) > 0 and (labels.min() < 0 or labels.max() > 9)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or bad_labels:
         raise DataError(f"data: CIFAR-10 batch {path} has data {data.shape} and {len(labels)} labels; "
                         "expected (n, 3072) and n labels in 0..9; download it again")
     return data.reshape(-1, 3, 32, 32), labels

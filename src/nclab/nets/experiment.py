@@ -20,18 +20,25 @@ with lr 0.05 and weight decay 5e-4 (K = 10; step × 2/K, decay × K/2, see
 Without ``data`` the runs use scikit-learn's digits (8x8, offline) with a ResNet18 of
 width 1/4 for a few minutes on a CPU, and say so; with ``data`` (torchvision's folder
 layout) they use MNIST (1x32x32, padded) or CIFAR-10 with the full-width ResNet18 and a
-3x3 stem for 200 epochs. An interrupted experiment continues where it stopped when run
-again with the same ``out_dir``.
+3x3 stem for 200 epochs. An ``out_dir`` that already holds results is an error unless
+``resume=True`` (continue every run from its checkpoint; the settings must match) or
+``force=True`` (overwrite).
+
+NC3 is measured against the frame of each run's optimum (:func:`nclab.nets.train.nc3_frame`):
+the orthogonal frame of the uncentred means for MSE without bias ("NC3 (OF)": nc3_of,
+nc3_duality_of), the simplex ETF of the centred means otherwise ("NC3 (ETF)": nc3_etf,
+nc3_duality_etf). NC2 is the centred means vs the simplex ETF (nc2_etf) in every row, as
+in the paper's Fig 5. The train objective and accuracy in the figure and report are
+measured in eval mode on the measured training subsample.
 """
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 
-from nclab.io import write_json, write_text
-from nclab.nets.train import CHECKPOINT, TrainConfig, load_config_file, read_metrics_csv, train, write_config
+from nclab.io import read_toml, toml_text, write_csv, write_json, write_text
+from nclab.nets.train import (CHECKPOINT, METRIC_COLUMNS, TrainConfig, check_resumable, clear_run, nc3_frame,
+                              read_metrics_csv, train)
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
 K_PAPER = 10
@@ -40,6 +47,8 @@ _CE = dict(loss="ce", bias=True, lr=0.05, weight_decay=5e-4)
 RUNS = {"fig5": {"mse_nobias": _MSE, "ce_bias": _CE}, "fig10": {"mse_nobias": _MSE}}
 TITLES = {"mse_nobias": "MSE, no bias", "ce_bias": "cross-entropy, bias"}
 DATASET = {"fig5": "mnist", "fig10": "cifar10"}
+COMBINED_FILES = ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf")
+TRAIN_MEASURED = "train (measured subsample, eval mode)"
 
 
 def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu", epochs: int | None = None,
@@ -62,13 +71,42 @@ def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu
     return {run: TrainConfig(**base, **hp, device=device).validate() for run, hp in RUNS[name].items()}
 
 
-def train_runs(runs: dict[str, TrainConfig], out_dir, *, experiment: str = "custom", quiet: bool = False,
-               resume: bool = True) -> dict:
-    """Train each run into out_dir/NAME and write the combined outputs (module docstring)."""
+def holds_results(out_dir, runs) -> bool:
+    """Whether out_dir has combined outputs or a checkpoint of one of ``runs``."""
     out = Path(out_dir)
+    return any((out / f).exists() for f in COMBINED_FILES) or any((out / r / CHECKPOINT).exists() for r in runs)
+
+
+def _prepare(runs: dict[str, TrainConfig], out: Path, resume: bool, force: bool) -> None:
+    """Check out_dir before anything is written: refuse, check resumability, or clear."""
+    if resume and force:
+        raise ValueError("resume: --resume and --force exclude each other")
+    if not holds_results(out, runs):
+        return
+    if not (resume or force):
+        raise ValueError(f"out_dir already holds results ({out}); pass --resume or --force")
+    if resume:
+        for run, cfg in runs.items():
+            check_resumable(cfg, out / run)
+        return
+    for f in COMBINED_FILES:
+        (out / f).unlink(missing_ok=True)
+    for run in runs:
+        clear_run(out / run)
+
+
+def train_runs(runs: dict[str, TrainConfig], out_dir, *, experiment: str = "custom", quiet: bool = False,
+               resume: bool = False, force: bool = False) -> dict:
+    """Train each run into out_dir/NAME and write the combined outputs (module docstring).
+
+    ``resume`` / ``force``: as :func:`run_network_experiment`. The combined config.toml is
+    written only after the runs' settings are checked against their checkpoints.
+    """
+    out = Path(out_dir)
+    _prepare(runs, out, resume, force)
     t0 = time.perf_counter()
-    write_config(out / "config.toml", {"experiment": experiment,
-                                       "runs": {k: c.to_dict() for k, c in runs.items()}})
+    write_text(out / "config.toml", toml_text({"experiment": experiment,
+                                               "runs": {k: c.to_dict() for k, c in runs.items()}}))
     summaries, rows = {}, {}
     for run, cfg in runs.items():
         run_dir = out / run
@@ -84,37 +122,36 @@ def train_runs(runs: dict[str, TrainConfig], out_dir, *, experiment: str = "cust
         "wall_time_s": time.perf_counter() - t0,
         "runs": summaries,
     }
-    _write_combined_csv(out / "metrics.csv", rows)
+    write_csv(out / "metrics.csv", [{"run": run, **r} for run, rs in rows.items() for r in rs],
+              ["run", *METRIC_COLUMNS])
     write_json(out / "summary.json", summary)
     from nclab.nets.plots import plot_runs
 
-    plot_runs(rows, out / "figure", titles={r: f"{TITLES.get(r, r)} ({runs[r].dataset})" for r in rows})
+    plot_runs(rows, out / "figure", titles={r: f"{TITLES.get(r, r)} ({runs[r].dataset})" for r in rows},
+              nc3_frames={r: nc3_frame(runs[r].loss, runs[r].bias) for r in rows})
     return summary
 
 
-def _write_combined_csv(path, rows: dict[str, list[dict]]):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "epoch", "split", "layer", "metric", "value"])
-    for run, rs in rows.items():
-        w.writerows([run, r["epoch"], r["split"], r["layer"], r["metric"], repr(r["value"])] for r in rs)
-    write_text(path, buf.getvalue())
+def run_network_experiment(name: str, out_dir, *, data: str | None = None, device: str = "cpu",
+                           quiet: bool = False, epochs: int | None = None, quick: bool = False,
+                           resume: bool = False, force: bool = False) -> dict:
+    """Run the paper's Fig 5 or Fig 10 network experiment into ``out_dir``; returns the summary.
 
-
-def run_network_experiment(name: str, out_dir: Path, *, data: str | None = None, device: str = "cpu",
-                           quiet: bool = False, epochs: int | None = None, quick: bool = False) -> dict:
-    """Run the paper's Fig 5 or Fig 10 network experiment into ``out_dir``; returns the summary."""
+    An ``out_dir`` that already holds results raises ValueError unless ``resume`` (continue
+    each run from its checkpoint; the settings must match, else ValueError before anything
+    is written) or ``force`` (delete the earlier results first).
+    """
     runs = experiment_configs(name, data=data, device=device, epochs=epochs, quick=quick)
     if not quiet and data is None:
         print(f"nclab {name}: no --data given; running on scikit-learn's digits (8x8, offline "
               "stand-in for the paper's data) with a ResNet18 of width "
               f"{next(iter(runs.values())).width}")
-    return train_runs(runs, out_dir, experiment=name, quiet=quiet)
+    return train_runs(runs, out_dir, experiment=name, quiet=quiet, resume=resume, force=force)
 
 
 def runs_from_config(path) -> tuple[str, dict[str, TrainConfig]]:
     """(experiment, runs) of a config file: ``[runs.NAME]`` tables, or one flat run."""
-    raw = load_config_file(path)
+    raw = read_toml(path, "config")
     if "runs" in raw:
         extra = sorted(set(raw) - {"runs", "experiment"})
         if extra:
@@ -124,8 +161,16 @@ def runs_from_config(path) -> tuple[str, dict[str, TrainConfig]]:
     return "", {"": TrainConfig.from_dict(raw)}
 
 
+def nc3_label(frame: str) -> str:
+    """"NC3 (OF)" or "NC3 (ETF)"."""
+    return f"NC3 ({frame.upper()})"
+
+
 def report_markdown(summary: dict, rel_dir: str) -> str:
-    """A report section: figure link, data source, final per-level NC1/NC2/NC3 and accuracy."""
+    """A report section: figure link, data source, final per-level NC1/NC2/NC3 and accuracy.
+
+    NC3 is per run: nc3_of for MSE without bias, nc3_etf otherwise (:func:`nc3_frame`).
+    """
     name = summary.get("experiment", "network")
     real = summary.get("real_data", False)
     lines = [f"## {name}: ResNet18 layer-wise collapse", "",
@@ -134,17 +179,31 @@ def report_markdown(summary: dict, rel_dir: str) -> str:
              + ("real data." if real else "**scikit-learn digits, an offline stand-in; not the paper's data.**"),
              f"Wall time {summary.get('wall_time_s', float('nan')):.0f} s on {summary.get('device', '?')}.", ""]
     for run, s in summary["runs"].items():
-        cfg, fin = s["config"], s["final"]
-        lines += [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {cfg['lr']:g}, weight decay "
-                  f"{cfg['weight_decay']:g}, width {cfg['width']:g}, {s['final_epoch']} epochs; metric pass / "
-                  f"epoch = {s['metric_pass_over_epoch']:.3f})", "",
-                  "| level | NC1 | NC2 (ETF) | NC3 (ETF) | NC4 |", "|---|---|---|---|---|"]
-        for level, m in fin["train"].items():
-            if level == "network":
-                continue
-            nc3 = f"{m['nc3_etf']:.3g}" if "nc3_etf" in m else "—"
-            nc4 = f"{m['nc4']:.3g}" if "nc4" in m else "—"
-            lines.append(f"| {level} | {m['nc1']:.3g} | {m['nc2_etf']:.3g} | {nc3} | {nc4} |")
-        acc = " / ".join(f"{split} {fin[split]['network']['accuracy']:.3f}" for split in fin)
-        lines += ["", f"Accuracy: {acc}; train objective {fin['train']['network']['objective']:.3g}.", ""]
+        lines += _run_section(run, s)
     return "\n".join(lines)
+
+
+def _run_section(run: str, s: dict) -> list[str]:
+    """Markdown lines of one run: settings, a per-level table of the final metrics, accuracy."""
+    cfg, fin = s["config"], s["final"]
+    frame = nc3_frame(cfg["loss"], cfg.get("bias", False))
+    lines = [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {cfg['lr']:g}, weight decay "
+             f"{cfg['weight_decay']:g}, width {cfg['width']:g}, {s['final_epoch']} epochs; metric pass / "
+             f"epoch = {s['metric_pass_over_epoch']:.3f})", "",
+             f"Final metrics on the {TRAIN_MEASURED}; {nc3_label(frame)} = nc3_{frame} at the penultimate "
+             "level (W acts there only).", "",
+             f"| level | NC1 | NC2 (ETF) | {nc3_label(frame)} | NC4 |", "|---|---|---|---|---|"]
+    for level, m in fin["train"].items():
+        if level == "network":
+            continue
+        nc3 = f"{m[f'nc3_{frame}']:.3g}" if f"nc3_{frame}" in m else "—"
+        nc4 = f"{m['nc4']:.3g}" if "nc4" in m else "—"
+        lines.append(f"| {level} | {m['nc1']:.3g} | {m['nc2_etf']:.3g} | {nc3} | {nc4} |")
+    acc = ", ".join(f"{_split_label(split)} {fin[split]['network']['accuracy']:.3f}" for split in fin)
+    lines += ["", f"Accuracy: {acc}. Objective, {TRAIN_MEASURED}: {fin['train']['network']['objective']:.3g}.",
+              ""]
+    return lines
+
+
+def _split_label(split: str) -> str:
+    return TRAIN_MEASURED if split == "train" else f"{split} (measured subsample, eval mode)"

@@ -92,7 +92,12 @@ class ResNet18(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten -> ``depth`` x (Linear -> BatchNorm1d -> ReLU) of ``hidden`` units -> fc."""
+    """Flatten -> ``depth`` x (Linear -> BatchNorm1d -> ReLU) of ``hidden`` units -> fc.
+
+    ``stages`` lists ``hidden1``..``hidden{depth-1}``: the last hidden layer's output (B,
+    hidden) is the classifier's input, which the probe records as ``penultimate``, so it
+    is not listed twice.
+    """
 
     def __init__(self, num_classes: int, in_features: int, hidden: int = 128, depth: int = 3,
                  bias: bool = True):
@@ -103,7 +108,7 @@ class MLP(nn.Module):
             d = hidden
         self.body = nn.Sequential(layers)
         self.fc = nn.Linear(d, num_classes, bias=bias)
-        self.stages = OrderedDict(layers)
+        self.stages = OrderedDict(list(layers.items())[:-1])
 
     def forward(self, x):
         return self.fc(self.body(torch.flatten(x, 1)))

@@ -9,7 +9,8 @@ and no feature matrix is kept except the penultimate one of the measured samples
 Metrics (names and conventions of :mod:`nclab.metrics`): every level gets nc1, nc1_trace,
 cdnv, nc2_etf, nc2_of; the ``penultimate`` level also gets the classifier metrics
 (nc2w_*, nc3_*) and nc4. NC3 is undefined at the other levels (W acts on the penultimate
-features only). NC4 needs the final class means, so it is a second pass over the stored
+features only); nc4 is NaN, like the other metrics, when the level is degenerate (class
+means coincide). NC4 needs the final class means, so it is a second pass over the stored
 penultimate features of the measured samples (:class:`nclab.stats.NC4Counter`), not over
 the images. Under ``torch.distributed`` each process measures its share of the samples
 and the statistics are merged exactly (``ClassStats.all_reduce``).
@@ -88,6 +89,16 @@ def _level_metrics(stats: ClassStats, W) -> dict[str, float]:
         return {k: math.nan for k in names}
 
 
+def _nc4(stats: ClassStats, kept: list[torch.Tensor], W, b, distributed: bool, metrics: dict) -> float:
+    """NC4 over the stored penultimate features (B_i, d); NaN where the level is degenerate."""
+    if any(math.isnan(v) for v in metrics.values()):  # the same on every rank: merged statistics
+        return math.nan
+    nc4 = NC4Counter(stats.means, W, b).update(torch.cat(kept))
+    if distributed:
+        nc4.all_reduce()
+    return nc4.value
+
+
 @torch.inference_mode()
 def measure_layers(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
                    sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -116,6 +127,7 @@ def measure_layers(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Te
         for xb, yb in data:
             with autocast():
                 logits = model(prepare(xb)).float()
+            yb = yb.to(logits.device)  # data may stay on the CPU while the model is on the GPU
             for name, h in feats.items():
                 if name not in stats:
                     stats[name] = ClassStats(num_classes, h.shape[1], device=h.device)
@@ -142,10 +154,7 @@ def measure_layers(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Te
     out = OrderedDict()
     for name, s in stats.items():
         out[name] = _level_metrics(s, W if name == PENULTIMATE else None)
-    nc4 = NC4Counter(stats[PENULTIMATE].means, W, b).update(torch.cat(kept))
-    if distributed:
-        nc4.all_reduce()
-    out[PENULTIMATE]["nc4"] = nc4.value
+    out[PENULTIMATE]["nc4"] = _nc4(stats[PENULTIMATE], kept, W, b, distributed, out[PENULTIMATE])
     loss, acc, n = (float(v) for v in totals)
     out["network"] = ({"loss": loss / n} if sample_loss is not None else {}) | {"accuracy": acc / n, "samples": n}
     return out

@@ -20,20 +20,28 @@ epochs (``lr_step``, ``lr_gamma``), weight decay 5e-4, batch 128.
 Data stay in tensors (on the GPU when they fit); each epoch uses the permutation drawn
 from a generator seeded with (seed, epoch), so an epoch's batches do not depend on what
 ran before: resuming from the checkpoint of epoch e gives the same run as not stopping.
-On CPU ``torch.use_deterministic_algorithms(True)`` makes runs bitwise repeatable.
+An epoch is the N // B full batches of B = min(batch_size, N) samples; the last N mod B
+samples of the permutation are dropped (a different set each epoch), and the running
+loss/accuracy average over the N - N mod B samples used. On CPU
+``torch.use_deterministic_algorithms(True)`` makes runs bitwise repeatable; :func:`train`
+restores the previous setting when it returns.
 
 Metric pass (every ``eval_every`` epochs and after the last): one forward pass in eval
-mode under ``torch.inference_mode`` over a fixed balanced subsample of the training set
-(``measure_per_class`` samples per class, drawn once from the seed; None = all), and the
-same for the test set, all levels at once (:func:`nclab.nets.probe.measure_layers`).
-A pass over the whole training set would cost about a third of a training epoch; the
-subsample keeps the pass under 15% of an epoch (the summary records the measured ratio).
+mode, in float32 (never under bf16 autocast), under ``torch.inference_mode`` over a fixed
+balanced subsample of the training set (``measure_per_class`` samples per class, drawn
+once from the seed; None = auto, about 10% of the training set: see
+:func:`auto_measure_per_class`), and the same number per class of the test set, all levels
+at once (:func:`nclab.nets.probe.measure_layers`). A pass over the whole training set
+would cost about a third of a training epoch; the subsample keeps the pass under 15% of an
+epoch (the summary records the measured ratio; :func:`train` warns above 0.15).
 
 Distributed (``torchrun --nproc-per-node P -m nclab train ...``): rank r takes elements
-r, r+P, ... of every global batch of ``batch_size`` samples; the per-process loss is
-scaled so that DDP's gradient average equals the gradient of the global-batch mean, and
-BatchNorm uses the statistics of the global batch (SyncBatchNorm on CUDA,
-:class:`GlobalBatchNorm` on CPU/gloo), so P processes train the same network as one.
+r, r+P, ... of every global batch of B samples (the same batches as one process: full
+batches only); the per-process loss is scaled so that DDP's gradient average equals the
+gradient of the global-batch mean, and BatchNorm uses the statistics of the global batch
+(SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` on CPU/gloo), so P processes train the
+same network as one. :func:`train` joins torchrun's process group and destroys it at the
+end when it created it.
 """
 from __future__ import annotations
 
@@ -41,30 +49,45 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import io
 import math
 import os
-import random
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from nclab.io import atomic_path, write_json, write_text
+from nclab.io import atomic_path, toml_text, write_csv, write_json, write_text
 from nclab.nets.data import DATASETS, ImageData, balanced_subset, load_data, to_device
 from nclab.nets.models import MODELS, STEMS, build_model
 from nclab.nets.probe import PENULTIMATE, batches, measure_layers
 
 LOSSES = ("mse", "mse_torch", "ce")
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf")
+METRIC_COLUMNS = ["epoch", "split", "layer", "metric", "value"]
+MEASURE_BUDGET = 0.15  # metric pass / training epoch
+
+
+def nc3_frame(loss: str, bias: bool) -> str:
+    """The frame NC3 is measured against: "of" for bias-free MSE, else "etf" (THEORY §3.1, §4).
+
+    The bias-free MSE optimum has W ∝ Mᵀ with the *uncentred* means M (an orthogonal
+    frame); with a bias, or with cross-entropy, W ∝ M̃ᵀ with the centred means (simplex ETF).
+    """
+    return "of" if loss in ("mse", "mse_torch") and not bias else "etf"
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run (saved as config.toml; None values are omitted)."""
+    """Everything that defines a run (saved as config.toml; None values are omitted).
+
+    ``validate`` stores ``data`` as an absolute path, so a saved config works from any
+    folder; ``measure_per_class=None`` means :func:`auto_measure_per_class`.
+    """
 
     dataset: str = "digits"
     data: str | None = None
@@ -82,7 +105,7 @@ class TrainConfig:
     lr_step: int = 40
     lr_gamma: float = 0.1
     eval_every: int = 5
-    measure_per_class: int | None = 100
+    measure_per_class: int | None = None
     measure_batch_size: int = 1000
     seed: int = 0
     device: str = "cpu"
@@ -95,10 +118,14 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.model != "resnet18" and self.stem != "small":
+            raise ValueError(f"stem: only resnet18 has a stem; drop --stem {self.stem} for --model {self.model}")
         for name in ("epochs", "batch_size", "lr_step", "eval_every", "measure_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: BatchNorm needs at least 2 samples per batch, got {self.batch_size}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected a positive integer (or none), got {self.threads!r}")
         for name in ("per_class", "measure_per_class"):
@@ -111,6 +138,8 @@ class TrainConfig:
         for name in ("momentum", "weight_decay", "lr_gamma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)!r}")
+        if self.data is not None:
+            self.data = str(Path(self.data).expanduser().absolute())
         return self
 
     def to_dict(self) -> dict:
@@ -125,24 +154,35 @@ class TrainConfig:
         return cls(**d).validate()
 
 
-# ----------------------------------------------------------------------------- config files
-def load_config_file(path) -> dict:
-    """Read a TOML config: flat TrainConfig keys, or ``[runs.NAME]`` tables (several runs)."""
-    import tomllib
+def auto_measure_per_class(n_min: int) -> int:
+    """Default samples per class of the metric pass: ~10% of the smallest class (>= 5).
 
-    path = Path(path)
+    ``n_min``: training samples of the smallest class. MNIST: 542 per class (5420 of
+    60000); digits: 14 (140 of 1437). Never more than ``n_min``.
+    """
+    return min(n_min, max(5, n_min // 10))
+
+
+def settings_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Names of the settings in which a checkpoint's config differs from ``cfg``.
+
+    Settings that may change on resume (epochs, device, speed options) are not compared.
+    """
+    old = TrainConfig.from_dict(saved)
+    for name in ("epochs", "device", "bf16", "channels_last", "measure_batch_size", "threads"):
+        setattr(old, name, getattr(cfg, name))
+    return [f.name for f in dataclasses.fields(cfg) if getattr(old, f.name) != getattr(cfg, f.name)]
+
+
+def check_resumable(cfg: TrainConfig, run_dir) -> None:
+    """ValueError when run_dir/checkpoint.pt was written with other settings than ``cfg``."""
+    path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise ValueError(f"config: {path} does not exist")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config: {path} is not valid TOML ({exc})") from None
-
-
-def write_config(path, obj: dict) -> None:
-    import tomli_w
-
-    write_text(path, tomli_w.dumps(obj))
+        return
+    diff = settings_mismatch(torch.load(path, map_location="cpu", weights_only=False)["config"], cfg)
+    if diff:
+        raise ValueError(f"resume: {path} was written with different settings ({', '.join(diff)}); "
+                         "resume with the same config, pass --force to overwrite, or use a new --out folder")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -165,9 +205,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch of all torch.distributed processes (any backend).
 
     Mean and (biased) variance come from two differentiable all-reduces of per-channel
-    sums, so P processes with B/P samples each normalise exactly like one with B; running
-    statistics use the unbiased variance, as nn.BatchNorm does. Outside training or
-    without a process group it is an ordinary BatchNorm.
+    sums (the first also carries the sample count, in float64), so P processes with B/P
+    samples each normalise exactly like one with B; running statistics use the unbiased
+    variance and ``momentum`` (None: cumulative average), as nn.BatchNorm does. Outside
+    training or without a process group it is an ordinary BatchNorm.
     """
 
     def _check_input_dim(self, x):
@@ -181,20 +222,32 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        return self.normalise(x, all_reduce)
+
+    def normalise(self, x: torch.Tensor, all_reduce) -> torch.Tensor:
+        """Training-mode output for x (B, C, ...), with ``all_reduce`` summing over processes.
+
+        ``all_reduce``: a differentiable sum over processes (identity for one process).
+        """
         dims = [0] + list(range(2, x.ndim))
         shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
-        count = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device))
-        mean = all_reduce(x.sum(dims)) / count
+        local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
+        sums = all_reduce(torch.cat([x.sum(dims).double(), local]))  # (C + 1,): channel sums, count
+        count = float(sums[-1])
+        mean = (sums[:-1] / count).to(x.dtype)
         centred = x - mean.view(shape)
         var = all_reduce(centred.square().sum(dims)) / count
         if self.track_running_stats:
-            with torch.no_grad():
-                n = float(count)
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
-                self.num_batches_tracked += 1
+            self._update_running(mean.detach(), var.detach() * count / max(count - 1, 1))
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased_var, factor)
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:
@@ -223,8 +276,29 @@ class Dist:
         return self.world > 1
 
 
+@contextlib.contextmanager
+def process_group(device: str):
+    """Join torchrun's process group (env WORLD_SIZE > 1) for the block, then destroy it.
+
+    Does nothing without torchrun or when a group already exists (its owner destroys it).
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def init_distributed(device: str) -> Dist:
-    """Join the process group that torchrun describes (env WORLD_SIZE > 1), else Dist()."""
+    """This process's place in torchrun's process group (env WORLD_SIZE > 1), else Dist().
+
+    Joins the group when nobody has yet (prefer :func:`process_group`, which also ends it).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -253,11 +327,13 @@ class Trainer:
         self.dist = init_distributed(config.device)
         self.device = self._device()
         self.cuda = self.device.type == "cuda"
-        if not self.cuda:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         if data is None:  # (benchmarks pass synthetic data)
             data = load_data(config.dataset, config.data, per_class=config.per_class, seed=config.seed)
         self.data: ImageData = to_device(data, self.device)
+        if min(config.batch_size, len(self.data.y_train)) < self.dist.world:
+            raise ValueError(f"batch_size: {config.batch_size} leaves some of the {self.dist.world} processes "
+                             "without samples; use a larger batch or fewer processes")
+        self.measured_per_class = self._measured_per_class()
         self.measure_sets = self._measure_sets()
         torch.manual_seed(config.seed)
         model = build_model(config.model, data.num_classes, data.input_shape, stem=config.stem,
@@ -289,6 +365,12 @@ class Trainer:
             torch.cuda.set_device(dev)
         return dev
 
+    def _measured_per_class(self) -> int:
+        """``measure_per_class``, or :func:`auto_measure_per_class` of the training set."""
+        if self.cfg.measure_per_class is not None:
+            return self.cfg.measure_per_class
+        return auto_measure_per_class(int(torch.bincount(self.data.y_train.cpu()).min()))
+
     def _measure_sets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Fixed balanced subsamples (this rank's share) of the training and test sets."""
         sets = {}
@@ -297,8 +379,8 @@ class Trainer:
             if x is None:
                 continue
             n_min = int(torch.bincount(y.cpu()).min())
-            if self.cfg.measure_per_class is not None and self.cfg.measure_per_class < n_min:
-                idx = balanced_subset(y.cpu(), self.cfg.measure_per_class, self.cfg.seed + 1).to(y.device)
+            if self.measured_per_class < n_min:
+                idx = balanced_subset(y.cpu(), self.measured_per_class, self.cfg.seed + 1).to(y.device)
             else:
                 idx = torch.arange(len(y), device=y.device)
             idx = idx[self.dist.rank::self.dist.world]
@@ -307,6 +389,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
+        """bf16 autocast for training on CUDA (``bf16``); the metric pass never uses it."""
         if self.cuda and self.cfg.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -329,17 +412,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set in shuffled global batches; running loss/accuracy."""
+        """One pass over the full shuffled global batches; running loss/accuracy of the samples used."""
         cfg, (x, y) = self.cfg, (self.data.x_train, self.data.y_train)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(y), generator=gen).to(y.device)
         self.ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros_like(loss_sum)
-        for start in range(0, len(y), cfg.batch_size):
-            batch = perm[start:start + cfg.batch_size]
-            if len(batch) < self.dist.world:
-                continue
+        size = min(cfg.batch_size, len(y))
+        used = len(y) // size * size  # drop the incomplete last batch, for every number of processes
+        for start in range(0, used, size):
+            batch = perm[start:start + size]
             idx = batch[self.dist.rank::self.dist.world]
             xb, yb = self.prepare(x[idx]), y[idx].to(self.device, non_blocking=True)
             with self.autocast():
@@ -359,18 +442,21 @@ class Trainer:
         if not torch.isfinite(totals[0]):
             raise ValueError(f"lr: training diverged in epoch {epoch} (loss {float(totals[0])}); "
                              "lower --lr or --weight-decay")
-        return {"running_loss": float(totals[0]) / len(y), "running_accuracy": float(totals[1]) / len(y)}
+        return {"running_loss": float(totals[0]) / used, "running_accuracy": float(totals[1]) / used}
 
     # ------------------------------------------------------------------ metric pass
     def measure(self) -> dict[str, dict[str, dict[str, float]]]:
-        """{split: {level: {metric: value}}} from one eval-mode pass per split."""
+        """{split: {level: {metric: value}}} from one eval-mode float32 pass per split.
+
+        No bf16 autocast here: features rounded to bf16 would blur NC1 near collapse.
+        """
         self.model.eval()
         wd_term = self.cfg.weight_decay / 2 * weight_norm_sq(self.model)
         out = {}
         for split, (x, y) in self.measure_sets.items():
             res = measure_layers(self.model, batches(x, y, self.cfg.measure_batch_size), self.data.num_classes,
                                  sample_loss=lambda f, t: sample_losses(f, t, self.cfg.loss),
-                                 prepare=self.prepare, autocast=self.autocast, distributed=self.dist.active)
+                                 prepare=self.prepare, distributed=self.dist.active)
             res["network"]["objective"] = res["network"]["loss"] + wd_term
             out[split] = res
         return out
@@ -386,8 +472,8 @@ class Trainer:
             "rows": self.state.rows,
             "epoch_times": self.state.epoch_times,
             "measure_times": self.state.measure_times,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.cuda else None},
+            # torch's default CPU generator: model initialisation (batches use their own seeded generator)
+            "rng": {"torch": torch.get_rng_state()},
         }
 
     def save_checkpoint(self):
@@ -398,12 +484,8 @@ class Trainer:
 
     def load_checkpoint(self, path: Path):
         ck = torch.load(path, map_location=self.device, weights_only=False)
-        saved = TrainConfig.from_dict(ck["config"])
-        mine = self.cfg
-        for name in ("epochs", "device", "bf16", "channels_last", "measure_batch_size", "threads"):
-            setattr(saved, name, getattr(mine, name))
-        if saved != mine:
-            diff = [f.name for f in dataclasses.fields(mine) if getattr(saved, f.name) != getattr(mine, f.name)]
+        diff = settings_mismatch(ck["config"], self.cfg)
+        if diff:
             raise ValueError(f"resume: {path} was written with different settings ({', '.join(diff)}); "
                              "resume with the same config or use a new --out folder")
         self.model.load_state_dict(ck["model"])
@@ -411,10 +493,6 @@ class Trainer:
         self.sched.load_state_dict(ck["scheduler"])
         self.state = _State(ck["epoch"], ck["rows"], ck["epoch_times"], ck["measure_times"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
-        if self.cuda and ck["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
 
     # ------------------------------------------------------------------ outputs
     def record(self, epoch: int, values: dict[str, dict[str, dict[str, float]]]):
@@ -426,7 +504,7 @@ class Trainer:
 
     def write_metrics(self):
         if self.dist.rank == 0:
-            write_metrics_csv(self.out / "metrics.csv", self.state.rows)
+            write_csv(self.out / "metrics.csv", self.state.rows, METRIC_COLUMNS)
 
     def summary(self) -> dict:
         s = self.state
@@ -435,8 +513,8 @@ class Trainer:
         for r in s.rows:
             if r["epoch"] == last:
                 final.setdefault(r["split"], {}).setdefault(r["layer"], {})[r["metric"]] = r["value"]
-        epoch_time = float(np.mean(s.epoch_times)) if s.epoch_times else math.nan
-        measure_time = float(np.mean(s.measure_times)) if s.measure_times else math.nan
+        epoch_time = statistics.fmean(s.epoch_times) if s.epoch_times else math.nan
+        measure_time = statistics.fmean(s.measure_times) if s.measure_times else math.nan
         return {
             "config": self.cfg.to_dict(),
             "data_source": self.data.source,
@@ -446,6 +524,8 @@ class Trainer:
             "epochs_done": s.epoch,
             "final_epoch": last,
             "levels": [k for k in final.get("train", {}) if k != "network"],
+            "measured_per_class": self.measured_per_class,
+            "nc3_frame": nc3_frame(self.cfg.loss, self.cfg.bias),
             "final": final,
             "epoch_time_s": epoch_time,
             "metric_pass_time_s": measure_time,
@@ -489,16 +569,8 @@ class Trainer:
         return summary
 
 
-def write_metrics_csv(path, rows: list[dict]) -> None:
-    """Long format: one row per (epoch, split, layer, metric) with its value."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["epoch", "split", "layer", "metric", "value"], lineterminator="\n")
-    w.writeheader()
-    w.writerows({**r, "value": repr(float(r["value"]))} for r in rows)
-    write_text(path, buf.getvalue())
-
-
 def read_metrics_csv(path) -> list[dict]:
+    """Rows of a metrics.csv (long format: epoch, split, layer, metric, value)."""
     with open(path, newline="") as f:
         return [{**r, "epoch": int(r["epoch"]), "value": float(r["value"])} for r in csv.DictReader(f)]
 
@@ -521,34 +593,74 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def train(config: TrainConfig, out_dir, *, resume: bool = False, quiet: bool = False,
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """Run with ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``on``,
+    then restore the previous setting (it is process-wide)."""
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+def clear_run(out_dir) -> None:
+    """Delete a run's files (RUN_FILES) from out_dir, for ``force``; other files stay."""
+    for name in RUN_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def train(config: TrainConfig, out_dir, *, resume: bool = False, force: bool = False, quiet: bool = False,
           stop_after: int | None = None, figure: bool = True) -> dict:
     """Train ``config`` into ``out_dir``; returns the summary dict (also summary.json).
 
     Writes config.toml, checkpoint.pt (every epoch, atomically), metrics.csv (after every
     metric pass), summary.json and figure.png/.pdf (the Fig 5 layout) at the end.
     ``resume=True`` continues from out_dir/checkpoint.pt when there is one (the settings
-    must match); without it an existing run in out_dir is an error, never overwritten.
-    ``stop_after=e`` stops after epoch e as if interrupted (for tests).
+    must match); ``force=True`` deletes an earlier run's files first; with neither, an
+    existing run in out_dir is an error, never overwritten. ``stop_after=e`` stops after
+    epoch e as if interrupted (for tests).
     """
     out = Path(out_dir)
     config = copy.deepcopy(config).validate()
     ck = out / CHECKPOINT
-    if ck.exists() and not resume:
-        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it or choose a new folder")
-    with cpu_threads(config.threads):
+    if resume and force:
+        raise ValueError("resume: --resume and --force exclude each other")
+    if ck.exists() and not (resume or force):
+        raise ValueError(f"out: {out} already holds a run; pass --resume to continue it, --force to overwrite "
+                         "it, or choose a new folder")
+    if force and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(out)
+    with (cpu_threads(config.threads), deterministic_algorithms(not config.device.startswith("cuda")),
+          process_group(config.device)):
         trainer = Trainer(config, out, quiet=quiet)
         if resume and ck.exists():
             trainer.load_checkpoint(ck)
             trainer.log(f"resuming {out} after epoch {trainer.state.epoch}")
         if trainer.dist.rank == 0:
-            write_config(out / "config.toml", config.to_dict())
+            write_text(out / "config.toml", toml_text(config.to_dict()))
         summary = trainer.run(stop_after=stop_after)
-    if figure and trainer.dist.rank == 0 and trainer.state.epoch >= config.epochs:
+    rank0, finished = trainer.dist.rank == 0, trainer.state.epoch >= config.epochs
+    if figure and rank0 and finished:
         from nclab.nets.plots import plot_runs
 
-        plot_runs({out.name or "run": trainer.state.rows}, out / "figure", titles={out.name or "run": _title(config)})
+        name = out.name or "run"
+        plot_runs({name: trainer.state.rows}, out / "figure", titles={name: _title(config)},
+                  nc3_frames={name: nc3_frame(config.loss, config.bias)})
+    if rank0:
+        warn_budget(summary, out)
     return summary
+
+
+def warn_budget(summary: dict, out: Path) -> None:
+    """One line on stderr when the metric pass took more than MEASURE_BUDGET of an epoch."""
+    ratio = summary.get("metric_pass_over_epoch", math.nan)
+    if ratio > MEASURE_BUDGET:
+        print(f"nclab train: warning: {out}: the metric pass took {ratio:.2f} of a training epoch (budget "
+              f"{MEASURE_BUDGET}); lower --measure-per-class ({summary.get('measured_per_class')}) or raise "
+              "--eval-every", file=sys.stderr)
 
 
 def _title(cfg: TrainConfig) -> str:

@@ -64,13 +64,6 @@ class NumpyOps:
     def to_torch(x):
         return torch.from_numpy(x)
 
-    @staticmethod
-    def from_torch(t, dtype, device):
-        return t.detach().cpu().numpy().astype(dtype, copy=True)
-
-    @staticmethod
-    def isfinite_all(x) -> bool:
-        return bool(np.isfinite(x).all())
 
 
 class TorchOps:
@@ -108,13 +101,6 @@ class TorchOps:
     def to_torch(x):
         return x
 
-    @staticmethod
-    def from_torch(t, dtype, device):
-        return t.detach().to(device=device, dtype=dtype).clone()
-
-    @staticmethod
-    def isfinite_all(x) -> bool:
-        return bool(torch.isfinite(x).all())
 
 
 # ----------------------------------------------------------------------------- the program
@@ -358,6 +344,7 @@ def objective(model: UFM, params: dict, lams=None):
 
 
 def as_float(x) -> np.ndarray:
+    """A float64 numpy copy/view of a numpy array or torch tensor (any device)."""
     return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
 
 
