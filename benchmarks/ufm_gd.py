@@ -93,7 +93,7 @@ def main():
 
     steps = 60 // q
     ref = rate(lambda: reference_run(large, steps, 0.5, torch.float32, log_every=10**9), steps, 1)
-    ours = rate(lambda: ufm.solve(large, steps=steps, lr=0.5, dtype="float32", backend="torch",
+    ours = rate(lambda: ufm.solve(large, steps=steps, lr=0.5, dtype="float32",
                                   log_every=10**9, metrics=False), steps, 1)
     rows.append(("large-plain  (K=100,n=500,d=512,f32)", ref, ours, 2))
 

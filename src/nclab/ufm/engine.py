@@ -213,13 +213,17 @@ class Program:
         for l in range(L, 0, -1):
             W = P[f"W{l}"]
             gW = ops.matmul_out(G.mT, levels[l - 1], buf[f"gW{l}"])
-            G = ops.matmul_out(G, W, buf[f"G{l}"])
-            if l > 1 and model.activation == "relu":
-                G *= buf[f"mask{l - 1}"]
+            if l == 1 and buf["fused_H1"] is not None:  # H1 ← (1 - ηλ)H1 - G W1: one BLAS call
+                P["H1"].baddbmm_(G, W, beta=buf["fused_H1"], alpha=-1.0)
+            else:
+                G = ops.matmul_out(G, W, buf[f"G{l}"])
+                if l > 1 and model.activation == "relu":
+                    G *= buf[f"mask{l - 1}"]
             W *= buf["decay"][f"W{l}"]
             W -= gW
-        P["H1"] *= buf["decay"]["H1"]
-        P["H1"] -= G
+        if buf["fused_H1"] is None:
+            P["H1"] *= buf["decay"]["H1"]
+            P["H1"] -= G
 
     def _scaled_residual(self, Z, P, lr):
         """η ∂fit/∂Z, computed in the buffer Z where possible; updates the bias too."""
@@ -248,6 +252,9 @@ class Program:
         widths = m.dims + (m.K,)
         buf = {"Z": ops.empty((B, m.N, m.K), self.dtype, self.device),
                "decay": {k: 1 - lr * v for k, v in self.lam.items()}}
+        lam_H1 = self.lams[:, 0]
+        uniform = bool((lam_H1 == lam_H1[0]).all())
+        buf["fused_H1"] = float(1 - lr * lam_H1[0]) if ops is TorchOps and uniform else None
         for l in range(1, m.L + 1):
             buf[f"gW{l}"] = ops.empty((B, widths[l], widths[l - 1]), self.dtype, self.device)
             buf[f"G{l}"] = ops.empty((B, m.N, widths[l - 1]), self.dtype, self.device)

@@ -9,6 +9,7 @@ import torch
 
 from nclab import theory
 from nclab.metrics import collapse_metrics_t
+from nclab.threads import SMALL_WORK, cpu_threads
 from nclab.ufm.engine import NumpyOps, Program, TorchOps, as_float, initial_parameters, smoothness_estimate
 from nclab.ufm.model import UFM
 
@@ -110,9 +111,9 @@ def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,
         init_std: std of the i.i.d. Gaussian initialisation (scalar or (B,)).
         init: given initial parameters instead (dict of arrays, leading axis B or none).
         dtype: "float64" (default; the theory checks need it) or "float32".
-        device: "cpu" or "cuda"; backend: "numpy", "torch" or "auto" (numpy on a CPU,
-            where its lower per-call overhead wins for the small problems of the paper;
-            torch on CUDA).
+        device: "cpu" or "cuda"; backend: "numpy", "torch" or "auto" (numpy for small
+            problems on a CPU, where its lower per-call overhead wins; torch for large
+            ones and on CUDA).
         log_every: record objective, gap and metrics every this many iterations (and
             at the start and the end); metrics: also compute NC metrics per level.
         tol: stop early once every problem's relative gap |f - f*| / f* < tol.
@@ -126,7 +127,7 @@ def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,
     if init is not None:
         _check_init(model, init)
     B, seeds, lam_arr, init_std = _broadcast_batch(model, seeds, lams, init_std, init)
-    ops = _pick_backend(backend, device)
+    ops = _pick_backend(backend, device, B * model.N * max(model.dims + (model.K,)))
     np_dtype, t_dtype = np.dtype(dtype), getattr(torch, dtype)
     prog = Program(model, lam_arr, ops, np_dtype if ops is NumpyOps else t_dtype, device)
     P0 = init if init is not None else initial_parameters(model, seeds, init_std)
@@ -134,6 +135,16 @@ def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,
     f_star = np.array([_nan_if_none(optimal_objective(model, row, strict=False)) for row in lam_arr])
     y = torch.as_tensor(model.labels(), device=device if ops is TorchOps else "cpu")
 
+    small = str(device) == "cpu" and B * model.N * max(model.dims + (model.K,)) < SMALL_WORK
+    with cpu_threads(1 if small else None):  # tiny tensors: 1 thread never stalls on a busy machine
+        return _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, steps=steps, lr=lr,
+                        momentum=momentum, log_every=log_every, metrics=metrics, tol=tol, progress=progress,
+                        check_every=check_every, settings=dict(dtype=dtype, device=device, backend=ops.name))
+
+
+def _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, *, steps, lr, momentum, log_every, metrics,
+             tol, progress, check_every, settings) -> Result:
+    """The iterations of :func:`solve` (arguments validated there)."""
     recorder = _Recorder(prog, f_star, y, metrics)
     V = {k: v * 0 for k, v in P.items()} if momentum else None
     bar = _progress_bar(progress, steps)
@@ -166,7 +177,7 @@ def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,
                   history=recorder.history(), params={k: as_float(v) for k, v in P.items()},
                   iterations=it, seconds=time.perf_counter() - start, stopped_early=stopped,
                   settings=dict(steps=steps, lr=lr, momentum=momentum, init_std=np.asarray(init_std).tolist(),
-                                dtype=dtype, device=device, backend=ops.name, log_every=log_every))
+                                log_every=log_every, **settings))
 
 
 # ----------------------------------------------------------------------------- recording
@@ -268,12 +279,14 @@ def _broadcast_batch(model, seeds, lams, init_std, init):
             np.broadcast_to(std, (B,)).copy())
 
 
-def _pick_backend(backend, device):
+def _pick_backend(backend, device, work: int):
+    """numpy for small CPU problems (lower per-call overhead, measured faster batched or
+    not); torch for large ones (multi-threaded matmuls, fused updates) and on CUDA."""
     if backend == "numpy":
         return NumpyOps
     if backend == "torch" or str(device).startswith("cuda"):
         return TorchOps
-    return NumpyOps  # on a CPU numpy's per-call overhead is lower, batched or not (measured)
+    return NumpyOps if work < SMALL_WORK else TorchOps
 
 
 def _check_init(model: UFM, init: dict) -> None:
