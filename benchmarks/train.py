@@ -1,7 +1,7 @@
 """Epoch time of nclab's training loop against the usual one, and the metric-pass cost.
 
 Reference ("the usual way"): a torch DataLoader over CPU float32 tensors (shuffle,
-pin_memory and worker processes on CUDA), each batch copied to the device with
+drop_last like ours, pin_memory and worker processes on CUDA), each batch copied to the device with
 ``.to(device)``, float32 compute, default memory format. Ours: nclab.nets.train.Trainer
 (data resident on the device, bf16 autocast and channels_last on CUDA). Same model
 (ResNet18, small stem), same MNIST-shaped synthetic data (N x 1 x 32 x 32, 10 classes),
@@ -62,7 +62,8 @@ def time_reference(args, data, device) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
-                                         batch_size=args.batch_size, shuffle=True, pin_memory=cuda,
+                                         batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         pin_memory=cuda,
                                          num_workers=args.workers if cuda else 0,
                                          persistent_workers=cuda and args.workers > 0)
     reference_epoch(model, loader, opt, device, args.loss)  # warm-up (cuDNN autotune, workers)

@@ -106,6 +106,33 @@ def test_corrupt_mnist(tmp_path):
         read_idx(g)
 
 
+@pytest.mark.parametrize("damage", ["deflate", "truncated"])
+def test_corrupt_gzip_is_a_clear_error(tmp_path, damage):
+    """A .gz with a valid header but a broken deflate stream (zlib.error) or cut short (EOFError)."""
+    raw = make_mnist(tmp_path, gz=True)
+    f = raw / "train-images-idx3-ubyte.gz"
+    data = f.read_bytes()
+    f.write_bytes(data[:10] + b"\xff" * 8 + data[18:] if damage == "deflate" else data[:-20])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*corrupt"):
+        load_data("mnist", tmp_path)
+
+
+def test_mnist_wrong_image_size(tmp_path):
+    raw = make_mnist(tmp_path, gz=False)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((10, 32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"\(10, 32, 32\).*28, 28"):
+        load_data("mnist", tmp_path)
+
+
+def test_cifar_negative_labels(tmp_path):
+    folder = make_cifar(tmp_path)
+    batch = {b"labels": [-1] + [1] * 19, b"data": np.zeros((20, 3072), np.uint8)}
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_2.*0..9"):
+        load_data("cifar10", tmp_path)
+
+
 def test_corrupt_cifar(tmp_path):
     folder = make_cifar(tmp_path)
     (folder / "data_batch_3").write_bytes(b"garbage\x00\x01")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nclab.cli import main
-from nclab.nets.experiment import NETWORK_EXPERIMENTS, experiment_configs, report_markdown, run_network_experiment
+from nclab.nets.experiment import experiment_configs, report_markdown, run_network_experiment
 from nclab.nets.train import read_metrics_csv
 
 
@@ -16,7 +16,6 @@ def fig5_quick(tmp_path_factory):
 
 def test_fig5_quick_outputs(fig5_quick):
     out, summary = fig5_quick
-    assert NETWORK_EXPERIMENTS == ("fig5", "fig10")
     for f in ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf"):
         assert (out / f).is_file(), f
     assert set(summary["runs"]) == {"mse_nobias", "ce_bias"}
@@ -29,6 +28,30 @@ def test_fig5_quick_outputs(fig5_quick):
     assert header == "run,epoch,split,layer,metric,value"
     md = report_markdown(summary, "fig5")
     assert "fig5/figure.png" in md and "| penultimate |" in md and "digits" in md
+    # NC3 per run: orthogonal frame for MSE without bias, simplex ETF with bias / CE
+    mse_part, ce_part = md.split("**cross-entropy, bias**")
+    assert "NC3 (OF)" in mse_part and "NC3 (ETF)" not in mse_part
+    assert "NC3 (ETF)" in ce_part and "NC3 (OF)" not in ce_part
+    pen = summary["runs"]["mse_nobias"]["final"]["train"]["penultimate"]
+    assert f"{pen['nc3_of']:.3g} |" in mse_part
+    assert "train (measured subsample, eval mode)" in md
+    assert summary["runs"]["mse_nobias"]["nc3_frame"] == "of" and summary["runs"]["ce_bias"]["nc3_frame"] == "etf"
+
+
+def test_existing_out_dir_needs_resume_or_force(fig5_quick, tmp_path):
+    out, summary = fig5_quick
+    with pytest.raises(ValueError, match="already holds results.*--resume or --force"):
+        run_network_experiment("fig5", out, quick=True, quiet=True)
+    config = (out / "config.toml").read_bytes()
+    with pytest.raises(ValueError, match="different settings"):  # not quick: another width
+        run_network_experiment("fig5", out, quiet=True, resume=True)
+    assert (out / "config.toml").read_bytes() == config  # written only after the check
+    again = run_network_experiment("fig5", out, quick=True, quiet=True, resume=True)
+    assert again["runs"]["ce_bias"]["final"] == summary["runs"]["ce_bias"]["final"]
+    run_network_experiment("fig10", tmp_path, quick=True, quiet=True, epochs=2)
+    forced = run_network_experiment("fig10", tmp_path, quick=True, quiet=True, epochs=1, force=True)
+    assert forced["runs"]["mse_nobias"]["final_epoch"] == 1  # a resume would have kept epoch 2
+    assert max(r["epoch"] for r in read_metrics_csv(tmp_path / "mse_nobias" / "metrics.csv")) == 1
 
 
 def test_config_reruns(fig5_quick, tmp_path):
@@ -65,7 +88,8 @@ def test_train_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, word", [(["--loss", "l1"], "loss"), (["--epochs", "0"], "epochs"),
-                                        (["--dataset", "mnist", "--data", "/nonexistent"], "train-images-idx3")])
+                                        (["--dataset", "mnist", "--data", "/nonexistent"], "train-images-idx3"),
+                                        (["--model", "mlp", "--stem", "imagenet"], "stem")])
 def test_train_command_errors(tmp_path, capsys, args, word):
     assert main(["train", "--out", str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err
@@ -80,3 +104,10 @@ def test_default_digits_reproduction_shows_depthwise_collapse(tmp_path):
         nc1 = [run["final"]["train"][lv]["nc1"] for lv in ("layer1", "layer2", "layer3", "penultimate")]
         assert nc1 == sorted(nc1, reverse=True), nc1
         assert run["final"]["train"]["network"]["accuracy"] > 0.99
+
+
+def test_train_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "classifier bias (default False)" in text and "--force" in text

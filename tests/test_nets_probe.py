@@ -1,10 +1,12 @@
 """Hooks record the right feature levels; the streaming metric pass equals materialised metrics."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from nclab import measure
-from nclab.nets.models import MLP, build_model, resnet18, stage_modules
+from nclab.nets.models import ResNet18, build_model, resnet18, stage_modules
 from nclab.nets.probe import PENULTIMATE, batches, measure_layers, record_features
 
 
@@ -29,8 +31,6 @@ def test_resnet_hooks_shapes(stem, shape, sizes):
 
 def test_imagenet_stem_downsamples():
     model = resnet18(10, 3, "imagenet", width=0.125).eval()
-    with record_features(model) as feats:
-        model(torch.randn(2, 3, 32, 32))
     # 32 -> conv stride 2 -> 16 -> max-pool -> 8; the stem level is the max-pool's output
     out = {}
     h = model.maxpool.register_forward_hook(lambda m, i, o: out.setdefault("x", o))
@@ -40,10 +40,13 @@ def test_imagenet_stem_downsamples():
 
 
 def test_mlp_levels_and_custom_layers():
-    model = build_model("mlp", 4, (1, 6, 6), hidden=16, depth=2, bias=True).eval()
+    model = build_model("mlp", 4, (1, 6, 6), hidden=16, depth=3, bias=True).eval()
+    x = torch.randn(3, 1, 6, 6)
     with record_features(model) as feats:
-        model(torch.randn(3, 1, 6, 6))
+        model(x)
+    # the last hidden layer's output is the penultimate feature: listed once
     assert list(feats) == ["hidden1", "hidden2", PENULTIMATE]
+    torch.testing.assert_close(feats[PENULTIMATE], model.body(torch.flatten(x, 1)))
     # any module: name the levels and the classifier explicitly
     net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
     with record_features(net, {"relu": net[1]}, classifier=net[2]) as feats:
@@ -81,5 +84,25 @@ def test_streaming_equals_materialised(model_name, bias):
     assert list(streamed)[:-1][-1] == PENULTIMATE
 
 
-def test_mlp_class_is_a_module():
-    assert isinstance(MLP(3, 4), nn.Module)
+def test_degenerate_level_is_nan_including_nc4():
+    """Features that are all equal (dead layer): every metric NaN, nc4 too, and no error."""
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    nn.init.zeros_(net[0].weight)
+    nn.init.zeros_(net[0].bias)
+    x, y = torch.randn(12, 5), torch.arange(12) % 3
+    res = measure_layers(net, batches(x, y, 5), 3, layers={"relu": net[1]}, classifier=net[2])
+    assert res[PENULTIMATE] and all(math.isnan(v) for v in res[PENULTIMATE].values())
+    assert "nc4" in res[PENULTIMATE] and "nc3_of" in res[PENULTIMATE]
+    assert res["network"]["samples"] == 12
+
+
+def test_same_as_torchvision_resnet18():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ref = tv.models.resnet18(num_classes=10).eval()
+    ours = ResNet18(10, 3, "imagenet", 1.0, bias=True).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))

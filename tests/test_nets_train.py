@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from nclab.nets.train import (GlobalBatchNorm, TrainConfig, convert_batchnorm, read_metrics_csv,
-                              sample_losses, train)
+from nclab.nets.train import (GlobalBatchNorm, TrainConfig, Trainer, convert_batchnorm, read_metrics_csv,
+                              sample_losses, train, warn_budget)
 
 TINY = dict(width=0.0625, epochs=3, per_class=12, batch_size=32, eval_every=2, measure_per_class=6,
             lr_step=2, lr=0.01, weight_decay=2.5e-3, threads=1)
@@ -39,13 +39,76 @@ def test_global_batchnorm_is_batchnorm_without_process_group():
     torch.testing.assert_close(net[1].running_var, ref[1].running_var)
 
 
+def test_mse_step_equals_mse_torch_with_rescaled_lr_and_decay(tmp_path):
+    """SGD on "mse" with (lr, wd) = SGD on "mse_torch" with (lr·K/2, wd·2/K): same weights."""
+    K, lr, wd = 10, 0.01, 2.5e-3
+    base = TINY | {"momentum": 0.9}
+    a = Trainer(TrainConfig(**(base | {"loss": "mse", "lr": lr, "weight_decay": wd})), tmp_path / "a", quiet=True)
+    b = Trainer(TrainConfig(**(base | {"loss": "mse_torch", "lr": lr * K / 2, "weight_decay": wd * 2 / K})),
+                tmp_path / "b", quiet=True)
+    start = {k: v.clone() for k, v in a.model.state_dict().items()}
+    for epoch in (1, 2):  # 2 x 3 SGD steps
+        a.train_epoch(epoch)
+        b.train_epoch(epoch)
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert (wa["fc.weight"] - start["fc.weight"]).abs().max() > 1e-3  # the steps moved the weights
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batchnorm_global_path_equals_batchnorm(momentum):
+    """The all-reduce path with one process (identity reduce) is nn.BatchNorm in training mode."""
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3, momentum=momentum)
+    bn = GlobalBatchNorm(3, momentum=momentum)
+    nn.init.normal_(ref.weight)
+    nn.init.normal_(ref.bias)
+    bn.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        torch.testing.assert_close(bn.normalise(x, lambda t: t), ref(x))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_mlp_incomplete_last_batch_is_dropped(tmp_path):
+    """50 samples in batches of 7: the last batch of 1 would crash BatchNorm1d in training."""
+    cfg = TrainConfig(**(TINY | {"model": "mlp", "per_class": 5, "batch_size": 7, "epochs": 1,
+                                 "measure_per_class": 3}))
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    calls = []
+    tr.ddp.register_forward_pre_hook(lambda m, inp: calls.append(len(inp[0])))
+    running = tr.train_epoch(1)
+    assert calls == [7] * 7 and 0 <= running["running_accuracy"] <= 1
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="stem"):
+        TrainConfig(model="mlp", stem="imagenet").validate()
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=1).validate()
+    assert TrainConfig(data="rel/dir").validate().data == str(Path("rel/dir").absolute())
+
+
+def test_budget_warning_is_one_line(tmp_path, capsys):
+    warn_budget({"metric_pass_over_epoch": 0.1, "measured_per_class": 5}, tmp_path)
+    assert capsys.readouterr().err == ""
+    warn_budget({"metric_pass_over_epoch": 0.3, "measured_per_class": 5}, tmp_path)
+    err = capsys.readouterr().err
+    assert "0.30 of a training epoch" in err and "--measure-per-class" in err and err.count("\n") == 1
+
+
 def _rows(path):
     return [r for r in read_metrics_csv(path)]
 
 
 def test_same_seed_same_result_and_outputs(tmp_path):
     cfg = TrainConfig(**TINY)
+    assert not torch.are_deterministic_algorithms_enabled()
     s1 = train(cfg, tmp_path / "a", quiet=True, figure=False)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
     train(cfg, tmp_path / "b", quiet=True, figure=False)
     assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
     for f in ("config.toml", "metrics.csv", "summary.json", "checkpoint.pt"):
@@ -57,6 +120,8 @@ def test_same_seed_same_result_and_outputs(tmp_path):
     assert {"loss", "objective", "accuracy"} <= set(s1["final"]["test"]["network"])
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "a", quiet=True)
+    forced = train(TrainConfig(**(TINY | {"epochs": 1})), tmp_path / "a", quiet=True, force=True, figure=False)
+    assert forced["final_epoch"] == 1 and max(r["epoch"] for r in _rows(tmp_path / "a" / "metrics.csv")) == 1
 
 
 def test_resume_equals_uninterrupted(tmp_path):

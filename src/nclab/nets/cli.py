@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from nclab.nets.train import TrainConfig
 
@@ -82,8 +83,8 @@ def _cmd_train(args) -> None:
 
 
 def _print_final(summary: dict) -> None:
-    """Final metrics per split and level; NC3 against the run's frame (OF or ETF)."""
-    if "final" not in summary or "train" not in summary["final"]:
+    """Final metrics per split and level; NC3 against the run's frame (OF or ETF). Rank 0 only."""
+    if "final" not in summary or "train" not in summary["final"] or os.environ.get("RANK", "0") != "0":
         return
     from nclab.nets.train import nc3_frame
 

@@ -190,8 +190,8 @@ def _run_section(run: str, s: dict) -> list[str]:
     lines = [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {cfg['lr']:g}, weight decay "
              f"{cfg['weight_decay']:g}, width {cfg['width']:g}, {s['final_epoch']} epochs; metric pass / "
              f"epoch = {s['metric_pass_over_epoch']:.3f})", "",
-             f"Final metrics on the {TRAIN_MEASURED}; {nc3_label(frame)} = nc3_{frame} at the penultimate "
-             "level (W acts there only).", "",
+             f"Final metrics of the measured training subsample (eval mode); {nc3_label(frame)} = "
+             f"nc3_{frame} at the penultimate level (W acts there only).", "",
              f"| level | NC1 | NC2 (ETF) | {nc3_label(frame)} | NC4 |", "|---|---|---|---|---|"]
     for level, m in fin["train"].items():
         if level == "network":

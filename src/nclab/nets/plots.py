@@ -23,12 +23,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nclab.plots import log_safe, save_figure  # noqa: E402
 
 OBJECTIVE_LABEL = "objective (loss + wd/2‖θ‖²)"
 NC3_LINES = {
-    "of": (("nc3_of", "-", "‖W/‖W‖ − Mᵀ/‖M‖‖ (alignment)"), ("nc3_duality_of", ":", "‖WM/‖WM‖ − O_K‖ (duality)")),
+    "of": (("nc3_of", "-", "‖W/‖W‖ − Mᵀ/‖M‖‖ (alignment)"),
+           ("nc3_duality_of", ":", "‖WM/‖WM‖ − O_K‖ (duality)")),
     "etf": (("nc3_etf", "-", "‖W/‖W‖ − M̃ᵀ/‖M̃‖‖ (alignment)"),
             ("nc3_duality_etf", ":", "‖WM̃/‖WM̃‖ − E_K‖ (duality)")),
 }
@@ -110,13 +112,14 @@ def plot_runs(runs: dict[str, list[dict]], path_stem, titles: dict[str, str] | N
     cmap = plt.get_cmap("viridis")
     for row, (name, rows) in zip(axes, runs.items()):
         lv = levels(rows)
-        colours = {lay: cmap(i / max(len(lv) - 1, 1)) for i, lay in enumerate(lv)}
+        colours = {lay: cmap(0.85 * i / max(len(lv) - 1, 1)) for i, lay in enumerate(lv)}  # no pale yellow
         _objective_panel(row[0], rows, titles.get(name, name))
         _level_panel(row[1], rows, "nc1", "NC1  (1/K) Tr(Σ_W Σ_B⁺)", colours)
         _level_panel(row[2], rows, "nc2_etf", "NC2 (ETF)  ‖G̃/‖G̃‖ − ETF‖ (centred means)", colours)
-        _nc3_panel(row[3], rows, nc3_frames.get(name, "etf"), colours.get("penultimate", "k"))
+        _nc3_panel(row[3], rows, nc3_frames.get(name, "etf"), "k")
         for ax in row:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3, which="both", lw=0.5)
     fig.tight_layout()
     return save_figure(fig, Path(path_stem))

@@ -49,6 +49,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -64,6 +65,7 @@ from nclab.io import atomic_path, toml_text, write_csv, write_json, write_text
 from nclab.nets.data import DATASETS, ImageData, balanced_subset, load_data, to_device
 from nclab.nets.models import MODELS, STEMS, build_model
 from nclab.nets.probe import PENULTIMATE, batches, measure_layers
+from nclab.threads import cpu_threads
 
 LOSSES = ("mse", "mse_torch", "ce")
 CHECKPOINT = "checkpoint.pt"
@@ -233,7 +235,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
         local = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
         sums = all_reduce(torch.cat([x.sum(dims).double(), local]))  # (C + 1,): channel sums, count
-        count = float(sums[-1])
+        count = float(sums[-1].detach())
         mean = (sums[:-1] / count).to(x.dtype)
         centred = x - mean.view(shape)
         var = all_reduce(centred.square().sum(dims)) / count
@@ -352,6 +354,11 @@ class Trainer:
                                    weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, config.lr_step, config.lr_gamma)
         self.state = _State()
+
+    def close(self) -> None:
+        """Release the DDP wrapper (before the process group is destroyed: freeing it later can hang)."""
+        self.ddp = self.model
+        gc.collect()
 
     def _device(self) -> torch.device:
         dev = torch.device(self.cfg.device)
@@ -576,27 +583,11 @@ def read_metrics_csv(path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Run with ``n`` intra-op CPU threads (None: leave torch's setting), then restore it.
-
-    Small networks gain little from several threads, and when other processes share the
-    cores, OpenMP threads that spin-wait for each other can slow a run down 20x or more
-    (measured here: a quick digits run took 6.6 s with 1 thread and 150 s with 2 on a
-    busy 2-core machine), so the digits experiments use 1.
-    """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
 def deterministic_algorithms(on: bool):
-    """Run with ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``on``,
-    then restore the previous setting (it is process-wide)."""
+    """Deterministic algorithms (``warn_only``) for the block when ``on``; then the previous setting.
+
+    ``torch.use_deterministic_algorithms`` is process-wide, so a run must not leave it set.
+    """
     old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if on:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -636,18 +627,21 @@ def train(config: TrainConfig, out_dir, *, resume: bool = False, force: bool = F
     with (cpu_threads(config.threads), deterministic_algorithms(not config.device.startswith("cuda")),
           process_group(config.device)):
         trainer = Trainer(config, out, quiet=quiet)
-        if resume and ck.exists():
-            trainer.load_checkpoint(ck)
-            trainer.log(f"resuming {out} after epoch {trainer.state.epoch}")
-        if trainer.dist.rank == 0:
-            write_text(out / "config.toml", toml_text(config.to_dict()))
-        summary = trainer.run(stop_after=stop_after)
-    rank0, finished = trainer.dist.rank == 0, trainer.state.epoch >= config.epochs
+        try:
+            if resume and ck.exists():
+                trainer.load_checkpoint(ck)
+                trainer.log(f"resuming {out} after epoch {trainer.state.epoch}")
+            if trainer.dist.rank == 0:
+                write_text(out / "config.toml", toml_text(config.to_dict()))
+            summary = trainer.run(stop_after=stop_after)
+        finally:
+            trainer.close()  # also on errors: DDP must go before its process group
+        rows, rank0, finished = trainer.state.rows, trainer.dist.rank == 0, trainer.state.epoch >= config.epochs
     if figure and rank0 and finished:
         from nclab.nets.plots import plot_runs
 
         name = out.name or "run"
-        plot_runs({name: trainer.state.rows}, out / "figure", titles={name: _title(config)},
+        plot_runs({name: rows}, out / "figure", titles={name: _title(config)},
                   nc3_frames={name: nc3_frame(config.loss, config.bias)})
     if rank0:
         warn_budget(summary, out)
