@@ -87,12 +87,9 @@ def _reproduce_one(name: str, out: Path, args) -> str:
     if name in NETWORK_EXPERIMENTS:
         from nclab.nets.experiment import report_markdown, run_network_experiment
 
-        summary = None
-        if args.resume:
-            summary = runner.load_summary(out / name)
-        if summary is None:
-            summary = run_network_experiment(name, out / name, data=args.data, device=args.device,
-                                             quiet=args.quiet, quick=args.quick)
+        summary = run_network_experiment(name, out / name, data=args.data, device=args.device,
+                                         quiet=args.quiet, quick=args.quick, resume=args.resume,
+                                         force=args.force)
         return report_markdown(summary, name)
     cfg = C.builtin(name)
     steps = args.iterations or (max(cfg["solver"]["steps"] // QUICK_FACTOR, 100) if args.quick else None)

@@ -41,9 +41,8 @@ from nclab.nets.train import (CHECKPOINT, METRIC_COLUMNS, TrainConfig, check_res
                               read_metrics_csv, train)
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
-K_PAPER = 10
-_MSE = dict(loss="mse", bias=False, lr=0.05 * 2 / K_PAPER, weight_decay=5e-4 * K_PAPER / 2)
-_CE = dict(loss="ce", bias=True, lr=0.05, weight_decay=5e-4)
+_MSE = dict(loss="mse", bias=False)  # lr 0.01, wd 2.5e-3: the paper's values in the UFM scaling
+_CE = dict(loss="ce", bias=True)      # lr 0.05, wd 5e-4
 RUNS = {"fig5": {"mse_nobias": _MSE, "ce_bias": _CE}, "fig10": {"mse_nobias": _MSE}}
 TITLES = {"mse_nobias": "MSE, no bias", "ce_bias": "cross-entropy, bias"}
 DATASET = {"fig5": "mnist", "fig10": "cifar10"}

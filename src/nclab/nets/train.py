@@ -15,7 +15,11 @@ The reported ``objective`` is the measured mean loss plus wd/2 Σ‖θ‖² over
 (SGD's weight decay applies to all of them).
 
 Schedule (THEORY.md §5 defaults): SGD, momentum 0.9, lr 0.05 divided by 10 every 40
-epochs (``lr_step``, ``lr_gamma``), weight decay 5e-4, batch 128.
+epochs (``lr_step``, ``lr_gamma``), weight decay 5e-4, batch 128. These are the values
+for cross-entropy and torch.nn.MSELoss; for ``loss="mse"`` (the UFM scaling) the same
+training is lr 0.05·2/K = 0.01 and weight decay 5e-4·K/2 = 2.5e-3 (K = 10 classes for
+every built-in dataset), which is what ``lr=None`` / ``weight_decay=None`` resolve to (at
+the paper's lr 0.05 the UFM-scaled MSE diverges).
 
 Data stay in tensors (on the GPU when they fit); each epoch uses the permutation drawn
 from a generator seeded with (seed, epoch), so an epoch's batches do not depend on what
@@ -83,6 +87,10 @@ def nc3_frame(loss: str, bias: bool) -> str:
     return "of" if loss in ("mse", "mse_torch") and not bias else "etf"
 
 
+#: THEORY.md §5 (for cross-entropy / torch.nn.MSELoss) and the classes of every built-in dataset
+PAPER_LR, PAPER_WD, PAPER_K = 0.05, 5e-4, 10
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run (saved as config.toml; None values are omitted).
@@ -101,9 +109,9 @@ class TrainConfig:
     loss: str = "mse"
     epochs: int = 200
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float | None = None  # None: the paper's value in the loss's scaling (module docstring)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None
     lr_step: int = 40
     lr_gamma: float = 0.1
     eval_every: int = 5
@@ -134,6 +142,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 2):
                 raise ValueError(f"{name}: expected an integer >= 2 (or none), got {v!r}")
+        self._resolve_paper_defaults()
         for name in ("lr", "width"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
@@ -143,6 +152,14 @@ class TrainConfig:
         if self.data is not None:
             self.data = str(Path(self.data).expanduser().absolute())
         return self
+
+    def _resolve_paper_defaults(self) -> None:
+        """lr/weight_decay None -> 0.05 / 5e-4 (CE, MSELoss), or 0.05·2/K / 5e-4·K/2 for "mse"."""
+        ufm_scaled = self.loss == "mse"
+        if self.lr is None:
+            self.lr = PAPER_LR * 2 / PAPER_K if ufm_scaled else PAPER_LR
+        if self.weight_decay is None:
+            self.weight_decay = PAPER_WD * PAPER_K / 2 if ufm_scaled else PAPER_WD
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
