@@ -38,11 +38,13 @@ def to_tensor(x, name: str, *, device=None) -> torch.Tensor:
     return t
 
 
-def as_real(x, name: str, *, ndim: int | tuple[int, ...], device=None) -> torch.Tensor:
+def as_real(x, name: str, *, ndim: int | tuple[int, ...], device=None, check_finite: bool = True) -> torch.Tensor:
     """Floating tensor of the given rank with only finite values, else a clear error.
 
     Floating inputs keep their dtype (kernels convert chunks to float64 as they go, so
     a large float32 array is never copied whole); integer inputs become float64.
+    ``check_finite=False`` leaves the NaN/Inf test to the caller (who may fold it into
+    a pass it makes anyway).
     """
     t = to_tensor(x, name, device=device)
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
@@ -53,7 +55,7 @@ def as_real(x, name: str, *, ndim: int | tuple[int, ...], device=None) -> torch.
         raise ValueError(f"{name}: expected a {want} array, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.to(torch.float64)
-    if not all_finite(t):
+    if check_finite and not all_finite(t):
         raise ValueError(f"{name}: contains NaN or Inf; remove or fix those entries first")
     return t
 

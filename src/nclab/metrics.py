@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from nclab._validate import DegenerateError, as_float64, as_labels, as_real, check_classifier
+from nclab._validate import DegenerateError, all_finite, as_float64, as_labels, as_real, check_classifier
 from nclab.frames import orthogonal_frame, simplex_etf
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
@@ -77,10 +77,8 @@ def class_means_t(H: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tenso
     """Class means (..., K, d) in float64 and counts (K,) of features H (..., N, d), labels y (N,)."""
     counts = torch.bincount(y, minlength=K).to(torch.float64)
     sums = torch.zeros(*H.shape[:-2], K, H.shape[-1], dtype=torch.float64, device=H.device)
-    classes = torch.arange(K, device=H.device)
     for rows in _row_chunks(H.shape[-2]):
-        onehot_t = (y[rows] == classes[:, None]).to(torch.float64)  # (K, rows): a matmul beats index_add_
-        sums += onehot_t @ H[..., rows, :].to(torch.float64)
+        sums.index_add_(-2, y[rows], H[..., rows, :].to(torch.float64))
     return sums / counts[:, None], counts
 
 
@@ -184,9 +182,12 @@ def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | N
     return (ncc != logits.argmax(-1)).to(torch.float64).mean(-1)
 
 
-def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL) -> dict[str, torch.Tensor]:
-    """All default metrics as float64 tensors of shape (...) for features H (..., N, d)."""
-    M, counts = class_means_t(H, y, K)
+def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL, means=None) -> dict[str, torch.Tensor]:
+    """All default metrics as float64 tensors of shape (...) for features H (..., N, d).
+
+    ``means``: the (M, counts) of :func:`class_means_t` when already computed.
+    """
+    M, counts = means if means is not None else class_means_t(H, y, K)
     U, inv_lam = between_class_basis_t(centre(M), rtol)
     class_var, quad, nc4 = within_class_pass_t(H, y, M, U, W, b)
     out = summary_metrics_t(M, counts, class_var, nc1_t(quad, inv_lam), W)
@@ -222,8 +223,8 @@ def summary_metrics_t(M, counts, class_var, nc1=None, W=None):
 
 
 # ------------------------------------------------------------------ public functions
-def _prepare(features, labels, num_classes=None):
-    H = as_real(features, "features", ndim=2)
+def _prepare(features, labels, num_classes=None, check_finite: bool = True):
+    H = as_real(features, "features", ndim=2, check_finite=check_finite)
     y, K = as_labels(labels, H.shape[0], num_classes=num_classes, device=H.device)
     return H, y, K
 
@@ -307,7 +308,7 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: expected None or one of {PRESETS}, got {preset!r}")
-    H, y, K = _prepare(features, labels, num_classes)
+    H, y, K = _prepare(features, labels, num_classes, check_finite=False)
     W = b = None
     if weights is not None:
         W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
@@ -315,7 +316,10 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         raise ValueError("bias: given without weights; pass weights=W (K, d) as well")
     if preset in ("papyan2020",) and W is None:
         raise ValueError(f"weights: preset {preset!r} needs the classifier weights")
-    raw = collapse_metrics_t(H, y, K, W, b, rtol)
+    means = class_means_t(H, y, K)
+    if not bool(torch.isfinite(means[0]).all()) and not all_finite(H):  # NaN/Inf reach the means
+        raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
+    raw = collapse_metrics_t(H, y, K, W, b, rtol, means=means)
     if preset == "papyan2020":
         raw = _papyan2020(raw, H, y, K, W)
     elif preset == "zhu2021":
