@@ -136,7 +136,8 @@ def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,
     y = torch.as_tensor(model.labels(), device=device if ops is TorchOps else "cpu")
 
     small = str(device) == "cpu" and B * model.N * max(model.dims + (model.K,)) < SMALL_WORK
-    with cpu_threads(1 if small else None):  # tiny tensors: 1 thread never stalls on a busy machine
+    # tiny tensors: 1 thread never stalls on a busy machine; overflow is detected and reported below
+    with cpu_threads(1 if small else None), np.errstate(over="ignore", invalid="ignore"):
         return _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, steps=steps, lr=lr,
                         momentum=momentum, log_every=log_every, metrics=metrics, tol=tol, progress=progress,
                         check_every=check_every, settings=dict(dtype=dtype, device=device, backend=ops.name))
