@@ -98,9 +98,7 @@ def _mean_sq_norm(result, best, level) -> float:
 
 def _theory(cfg, model) -> dict | None:
     """The predicted optimum when THEORY.md §3 gives one (MSE, no/free bias, balanced)."""
-    if model.loss != "mse" or model.bias == "reg" or not model.balanced or min(model.lams) <= 0:
-        return None
-    if model.activation == "relu" and model.L > 2:
+    if ufm.optimal_objective(model, strict=False) is None or not model.balanced or min(model.lams) <= 0:
         return None
     p = theory.predict(model.K, model.class_counts[0], model.lams, bias=model.bias == "free")
     linear = model.activation == "linear" or model.L == 1
