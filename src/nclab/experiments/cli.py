@@ -71,10 +71,16 @@ def _cmd_reproduce(args) -> None:
     out = args.out or Path("runs") / f"reproduce-{_stamp()}"
     if not args.resume:
         runner.prepare_output(out, args.force)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     sections, start = [], time.perf_counter()
-    for name in names:
-        sections.append(_reproduce_one(name, out, args))
+    try:
+        for name in names:
+            sections.append(_reproduce_one(name, out, args))
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty folder behind
+        raise
     header = (f"# nclab reproduction report\n\nTirer & Bruna, *Extended Unconstrained Features Model for "
               f"Exploring Deep Neural Collapse* (ICML 2022). Experiments: {', '.join(names)}. Theory: "
               "THEORY.md §3 (f* is the exact global optimum; '—' where no closed form exists).\n")
