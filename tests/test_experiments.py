@@ -109,3 +109,10 @@ def test_sweeps_write_csv_and_figure(tmp_path):
                  "--out", str(tmp_path), "--quiet"]) == 0
     assert len(read_csv(tmp_path / "sweep-extended.csv")) == 6
     assert mpimg.imread(tmp_path / "sweep-extended.png").shape[0] > 200
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_failed_reproduce_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["reproduce", "ufm", "--device", "cuda", "--out", str(out), "--quiet"]) == 2
+    assert "CUDA" in capsys.readouterr().err and not out.exists()
