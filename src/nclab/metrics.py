@@ -229,7 +229,8 @@ def _prepare(features, labels, num_classes=None, check_finite: bool = True):
     return H, y, K
 
 
-def _finite(name: str, value: torch.Tensor) -> float:
+def finite_value(name: str, value: torch.Tensor) -> float:
+    """``value`` as a float, or a DegenerateError naming metric ``name`` when it is NaN/Inf."""
     v = float(value)
     if not math.isfinite(v):
         raise DegenerateError(
@@ -266,9 +267,9 @@ def nc2(features, labels, frame: str = "etf", num_classes=None) -> float:
     M, _ = class_means_t(H, y, K)
     if frame == "etf":
         Mc = centre(M)
-        return _finite("nc2_etf", frame_distance_t(Mc @ Mc.mT, simplex_etf(K, device=H.device)))
+        return finite_value("nc2_etf", frame_distance_t(Mc @ Mc.mT, simplex_etf(K, device=H.device)))
     if frame == "of":
-        return _finite("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
+        return finite_value("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
     raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
 
 
@@ -281,7 +282,7 @@ def nc2_weights(weights, frame: str = "etf") -> float:
         raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
     if K < 2:
         raise ValueError("weights: need at least 2 rows (classes)")
-    return _finite(f"nc2w_{frame}", frame_distance_t(W @ W.mT, targets[frame](K, device=W.device)))
+    return finite_value(f"nc2w_{frame}", frame_distance_t(W @ W.mT, targets[frame](K, device=W.device)))
 
 
 def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
@@ -326,7 +327,7 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         keep = {"nc1": "nc1", "nc2_etf": "nc2_features", "nc2w_etf": "nc2_weights",
                 "nc3_duality_etf": "nc3", "nc4": "nc4"}
         raw = {new: raw[old] for old, new in keep.items() if old in raw}
-    return {k: _finite(k, v) for k, v in raw.items()}
+    return {k: finite_value(k, v) for k, v in raw.items()}
 
 
 def _papyan2020(raw, H, y, K, W):

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from nclab._validate import DegenerateError, as_float64, check_classifier, to_tensor
-from nclab.metrics import RTOL, between_class_basis_t, centre, nc1_t, nc4_t, summary_metrics_t
+from nclab._validate import as_float64, check_classifier, to_tensor
+from nclab.metrics import RTOL, between_class_basis_t, centre, finite_value, nc1_t, nc4_t, summary_metrics_t
 
 
 class ClassStats:
@@ -138,12 +138,7 @@ class ClassStats:
             quad = torch.einsum("dr,de,er->r", U, self.within_covariance, U)  # diag(Uᵀ Σ_W U)
             nc1 = nc1_t(quad, inv_lam)
         raw = summary_metrics_t(self.means, self.counts, self.m2 / self.counts, nc1, W)
-        out = {}
-        for k, v in raw.items():
-            out[k] = float(v)
-            if not torch.isfinite(v):
-                raise DegenerateError(f"{k} is undefined for these statistics (class means coincide?)")
-        return out
+        return {k: finite_value(k, v) for k, v in raw.items()}
 
 
 class NC4Counter:

@@ -14,10 +14,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nclab import theory, ufm
 from nclab.experiments import config as C
 from nclab.io import write_csv, write_json, write_text
+from nclab.metrics import class_means_t
 from nclab.plots import save_figure, ufm_figure
 from nclab.ufm.solve import LEVEL_METRICS
 
@@ -88,12 +90,9 @@ def _summary(cfg, model, result, best, frame) -> dict:
 
 def _mean_sq_norm(result, best, level) -> float:
     """Mean over classes of ‖μ_k‖² at feature level ``level`` of the final parameters."""
-    P = {k: v[best:best + 1] for k, v in result.params.items()}
-    prog = ufm.engine.Program(result.model, result.lams[best:best + 1], ufm.engine.NumpyOps, np.float64)
-    H = prog.forward(P)[0][level - 1][0]
-    y = result.model.labels()
-    means = np.stack([H[y == k].mean(0) for k in range(result.model.K)])
-    return float((means ** 2).sum(1).mean())
+    H = result.program().forward(result.params)[0][level - 1][best]
+    means, _ = class_means_t(torch.from_numpy(H), torch.as_tensor(result.model.labels()), result.model.K)
+    return float(means.square().sum(1).mean())
 
 
 def _theory(cfg, model) -> dict | None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nclab import theory, ufm
 from nclab.io import write_csv
+from nclab.metrics import class_means_t
 from nclab.plots import save_figure, sweep_figure
 
 SWEEPS = ("plain", "extended")
@@ -50,13 +52,9 @@ def run_sweep(kind: str, out_dir: Path, *, K: int = 4, n: int = 50, d: int = 20,
 def end_to_end_scale(result) -> np.ndarray:
     """t = tr(W_L⋯W_1 M_1ᵀ)/K per problem, M_1 the class means of H1 (K, d_1); theory: t*."""
     model = result.model
-    P = result.params
-    prod = P[f"W{model.L}"]
-    for l in range(model.L - 1, 0, -1):
-        prod = prod @ P[f"W{l}"]
-    y = model.labels()
-    means = np.stack([P["H1"][:, y == k].mean(1) for k in range(model.K)], axis=1)  # (B, K, d_1)
-    return np.trace(prod @ np.swapaxes(means, 1, 2), axis1=1, axis2=2) / model.K
+    prod = result.program().maps_to_output(result.params)[0]  # W_L⋯W_1, (B, K, d_1)
+    means, _ = class_means_t(torch.from_numpy(result.params["H1"]), torch.as_tensor(model.labels()), model.K)
+    return np.trace(prod @ np.swapaxes(means.numpy(), 1, 2), axis1=1, axis2=2) / model.K
 
 
 def _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model):

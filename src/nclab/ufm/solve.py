@@ -86,6 +86,10 @@ class Result:
     stopped_early: bool = False
     settings: dict = field(default_factory=dict)
 
+    def program(self) -> Program:
+        """A float64 numpy :class:`Program` of these problems, e.g. to evaluate ``params``."""
+        return Program(self.model, self.lams, NumpyOps, np.float64)
+
     def final(self, key: str) -> np.ndarray:
         """Last logged value of ``key`` for every problem, shape (B,)."""
         return self.history[key][-1]
