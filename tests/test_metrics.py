@@ -206,3 +206,109 @@ def test_batched_kernels_equal_single_problems():
         single = measure(Hi, yi, Wi)
         for k, v in single.items():
             assert float(batched[k][i]) == pytest.approx(v, rel=1e-12, abs=1e-15), k
+
+
+def _plain_nc4_choices(H64, means, W, b):
+    """Nearest class mean and argmax(Wh + b) per row, plainly in float64."""
+    ncc = (means.square().sum(-1) - 2 * H64 @ means.mT).argmin(-1)
+    logits = H64 @ W.mT + (0 if b is None else b)
+    return ncc, logits.argmax(-1)
+
+
+def _fast_nc4_choices(H, y, W, b):
+    """The same two choices from the within-class pass's fast NC4 rule."""
+    H, y = torch.as_tensor(H), torch.as_tensor(y)
+    K = int(y.max()) + 1
+    means, _ = M.class_means_t(H, y, K)
+    U, _ = M.between_class_basis_t(M.centre(means))
+    rule = M._NC4Rule.for_inputs(H, means, U, W, b)
+    assert rule.fast
+    H64 = H.double()
+    D = H64 - means[y]
+    chunk = M._Chunk(H, H64, y, D.norm(dim=-1), D @ U)
+    return (rule._nearest_mean(chunk), rule._classifier(chunk)), means, rule
+
+
+def _nc4_case(name, rng):
+    K, d, n = 8, 24, 150
+    y = np.repeat(np.arange(K), n)
+    mu = rng.standard_normal((K, d))
+    W = rng.standard_normal((K, d))
+    b = 0.1 * rng.standard_normal(K)
+    noise = rng.standard_normal((K * n, d))
+    if name == "overlapping":  # means 1e-3 apart inside unit noise, near-tied logits
+        H, W, b = 1e-3 * mu[y] + noise, W[:1] + 1e-6 * W, 1e-6 * b
+    elif name == "rank-deficient":  # K = 12 means in d = 5 dimensions
+        K, d = 12, 5
+        y = np.repeat(np.arange(K), n)
+        H = rng.standard_normal((K, d))[y] + 0.5 * rng.standard_normal((K * n, d))
+        W, b = rng.standard_normal((K, d)), 0.1 * rng.standard_normal(K)
+    elif name == "dropped-direction":  # classes 0 and 1 differ in a direction the cut-off drops
+        mu[1] = mu[0]
+        mu[1, 0] += 1e-7
+        H = mu[y] + 1e-8 * noise
+    elif name == "offset":  # a common offset of 1e6
+        H = 1e6 + mu[y] + 0.3 * noise
+    else:
+        H = mu[y] + 0.5 * noise
+    return H, y, W, b
+
+
+@pytest.mark.parametrize("case", ["plain", "overlapping", "rank-deficient", "dropped-direction", "offset"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fast_nc4_rule_decides_every_row_as_float64_does(case, dtype, with_bias):
+    H, y, W, b = _nc4_case(case, np.random.default_rng(1))
+    H = H.astype(dtype)
+    W64, b64 = torch.as_tensor(W.astype(dtype)).double(), torch.as_tensor(b.astype(dtype)).double()
+    b64 = b64 if with_bias else None
+    (ncc, cls), means, rule = _fast_nc4_choices(H, y, W64, b64)
+    want_ncc, want_cls = _plain_nc4_choices(torch.as_tensor(H).double(), means, W64, b64)
+    assert torch.equal(ncc, want_ncc)
+    assert torch.equal(cls, want_cls)
+    assert (rule.W32 is not None) == (dtype == np.float32)
+    if case == "dropped-direction":
+        assert rule.e > 1e-9  # the cut-off dropped a direction, and the rule knows it
+
+
+
+def test_fast_nc4_rule_recomputes_near_ties_in_float64():
+    """The cases above do reach the float64 fallback (else they would test little)."""
+    for case, rows in (("overlapping", "logits"), ("dropped-direction", "means")):
+        H, y, W, b = _nc4_case(case, np.random.default_rng(1))
+        _, _, rule = _fast_nc4_choices(H.astype(np.float32), y, torch.as_tensor(W), torch.as_tensor(b))
+        assert rule.recomputed[rows] > 0, case
+
+
+def test_fast_nc4_in_measure_equals_plain_count():
+    H, y, W, b = _nc4_case("overlapping", np.random.default_rng(2))
+    H32 = H.astype(np.float32)
+    means, _ = M.class_means_t(torch.as_tensor(H32), torch.as_tensor(y), 8)
+    want = M.nc4_t(torch.as_tensor(H32).double(), means, torch.as_tensor(W), torch.as_tensor(b))
+    assert measure(H32, y, W, b)["nc4"] == float(want)
+
+
+def test_float32_logits_only_under_ieee_float32_matmul():
+    assert M._ieee_float32_matmul(torch.device("cpu"))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # may allow bf16 products
+        assert not M._ieee_float32_matmul(torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not M._ieee_float32_matmul(torch.device("meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_chunks_equal_one_chunk(monkeypatch, dtype):
+    """Chunked passes (reused buffers, a short last chunk, batched or not) change nothing."""
+    gens = [collapsed_configuration(4, 6, 25, noise=0.3, seed=s) for s in range(2)]
+    H = torch.stack([g[0] for g in gens]).to(dtype)
+    W, y = torch.stack([g[2] for g in gens]), gens[0][1]
+    whole = [M.collapse_metrics_t(H, y, 4, W), measure(H[0], y, W[0])]
+    monkeypatch.setattr(M, "CHUNK_BYTES", 8 * 6 * 2 * 7)  # 7 rows per chunk, 100 rows
+    assert len(M._row_chunks(H.shape)) == 15
+    chunked = [M.collapse_metrics_t(H, y, 4, W), measure(H[0], y, W[0])]
+    for k, v in whole[0].items():
+        assert torch.allclose(chunked[0][k], v, rtol=1e-12, atol=1e-15), k
+    assert chunked[1] == pytest.approx(whole[1], rel=1e-12, abs=1e-15)

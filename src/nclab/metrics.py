@@ -42,6 +42,9 @@ kept (default ``rtol = 1e-10``: eigenvalue errors are ~K·eps·max λ), U = M̃�
 spans the between-class directions and NC1 = Σ_j (u_jᵀ Σ_W u_j) / λ_j, where
 u_jᵀ Σ_W u_j is the mean square of the class-centred features projected on u_j. This is
 a sum of non-negative terms: NC1 is never negative and is exactly 0 at exact collapse.
+NC4's two rules are decided cheaply (nearest mean from the K projections above, logits
+in float32 for float32 features) with a proven error bound; rows within the bound of a
+tie are recomputed in float64, so NC4 equals the plain float64 count (see ``_NC4Rule``).
 
 The underscored ``*_t`` functions are the batched kernels shared with the UFM engine and
 :mod:`nclab.stats`: they take float64 tensors with optional leading batch dimensions
@@ -50,7 +53,7 @@ The underscored ``*_t`` functions are the batched kernels shared with the UFM en
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -60,25 +63,46 @@ from nclab.frames import orthogonal_frame, simplex_etf
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
 RTOL = 1e-10
 
+EPS64 = float(torch.finfo(torch.float64).eps)
+
 PRESETS = ("papyan2020", "zhu2021")
 
 
 # ----------------------------------------------------------------------------- kernels
-#: rows of features converted to float64 at a time (keeps temporaries in cache and
-#: never copies a large float32 array whole)
-CHUNK = 8192
+#: bytes of float64 rows converted at a time: a reused buffer this size stays in cache
+#: (a fresh 30 MB allocation per chunk made the pass 2-3x slower: new pages are zeroed)
+CHUNK_BYTES = 1 << 23
 
 
-def _row_chunks(N: int):
-    return [slice(i, min(i + CHUNK, N)) for i in range(0, N, CHUNK)]
+def _row_chunks(shape: torch.Size) -> list[slice]:
+    """Row slices of an (..., N, d) array whose float64 copy takes about CHUNK_BYTES."""
+    *batch, N, d = shape
+    rows = max(1, CHUNK_BYTES // (8 * d * math.prod(batch)))
+    return [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
+
+
+def _float64_chunks(H: torch.Tensor):
+    """Yield (rows, H[..., rows, :] in float64), converting into one reused buffer.
+
+    The yielded tensor is overwritten by the next chunk: use it before asking for more.
+    """
+    chunks = _row_chunks(H.shape)
+    if H.dtype == torch.float64:
+        yield from ((rows, H[..., rows, :]) for rows in chunks)
+        return
+    buffer = H.new_empty(*H.shape[:-2], chunks[0].stop, H.shape[-1], dtype=torch.float64)
+    for rows in chunks:
+        out = buffer[..., : rows.stop - rows.start, :]
+        out.copy_(H[..., rows, :])
+        yield rows, out
 
 
 def class_means_t(H: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class means (..., K, d) in float64 and counts (K,) of features H (..., N, d), labels y (N,)."""
     counts = torch.bincount(y, minlength=K).to(torch.float64)
     sums = torch.zeros(*H.shape[:-2], K, H.shape[-1], dtype=torch.float64, device=H.device)
-    for rows in _row_chunks(H.shape[-2]):
-        sums.index_add_(-2, y[rows], H[..., rows, :].to(torch.float64))
+    for rows, Hs in _float64_chunks(H):
+        sums.index_add_(-2, y[rows], Hs)
     return sums / counts[:, None], counts
 
 
@@ -118,17 +142,129 @@ def within_class_pass_t(H, y, M, U, W=None, b=None):
     K, N = M.shape[-2], H.shape[-2]
     sq = torch.zeros(*M.shape[:-1], dtype=torch.float64, device=H.device)
     quad = torch.zeros(*M.shape[:-2], U.shape[-1], dtype=torch.float64, device=H.device)
-    mismatches = torch.zeros(M.shape[:-2], dtype=torch.float64, device=H.device) if W is not None else None
-    for rows in _row_chunks(N):
-        Hs, ys = H[..., rows, :].to(torch.float64), y[rows]
-        D = Hs - M[..., ys, :]
-        sq.index_add_(-1, ys, torch.linalg.vector_norm(D, dim=-1).square())
-        quad += (D @ U).square().sum(-2)
-        if W is not None:
-            mismatches += nc4_t(Hs, M, W, b) * Hs.shape[-2]
+    nc4_rule = None if W is None else _NC4Rule.for_inputs(H, M, U, W, b)
+    mismatches = torch.zeros(M.shape[:-2], dtype=torch.float64, device=H.device)
+    buffer = None
+    for rows, Hs in _float64_chunks(H):
+        ys = y[rows]
+        if buffer is None:
+            buffer = torch.empty_like(Hs)
+        D = torch.index_select(M, -2, ys, out=buffer[..., : Hs.shape[-2], :])
+        D = torch.sub(Hs, D, out=D)
+        d_norm = torch.linalg.vector_norm(D, dim=-1)
+        sq.index_add_(-1, ys, d_norm.square())
+        P = D @ U
+        quad += P.square().sum(-2)
+        if nc4_rule is not None:
+            mismatches += nc4_rule.count(_Chunk(H[..., rows, :], Hs, ys, d_norm, P))
     counts = torch.bincount(y, minlength=K).to(torch.float64)
     nc4 = None if W is None else mismatches / N
     return sq / counts, quad / N, nc4
+
+
+class _Chunk(NamedTuple):
+    """Rows of the within-class pass: input features (n, d) as given and in float64,
+    labels (n,), ‖h - μ_y‖ (n,) and P = (h - μ_y)ᵀU (n, K)."""
+
+    H_in: torch.Tensor
+    H64: torch.Tensor
+    y: torch.Tensor
+    d_norm: torch.Tensor
+    P: torch.Tensor
+
+
+class _NC4Rule:
+    """NC4 counted chunk by chunk: plainly (:func:`nc4_t`), or fast with exact decisions.
+
+    The fast rule (2-D inputs) decides most rows cheaply and recomputes in float64 only
+    rows whose top-two margin lies within a bound on the cheap rule's error, so its count
+    equals the float64 one:
+
+    * nearest mean from the K numbers P = Uᵀd (d = h - μ_y) instead of the d numbers of h:
+      ‖h - μ_k‖² = ‖h - μ_G‖² + ‖m̃_k‖² - 2(G̃_{y,k} + m̃_kᵀd) with G̃ = M̃M̃ᵀ, and
+      m̃_kᵀd = (A P)_k + E_k d, where A = M̃U and E = M̃ - AUᵀ (zero when U spans the centred
+      means; what the eigenvalue cut-off dropped otherwise), so the error is ≤ 2e‖d‖,
+      e = max_k ‖E_k‖, plus rounding;
+    * argmax(Wh + b) in float32 when the features are float32 on the CPU: float32 dot
+      products of length d err by at most γ(‖w_k‖‖h‖ + |b_k|), γ = (d+2)·2⁻²⁴, in any
+      summation order and with W, b rounded to float32 (Higham, Accuracy and Stability,
+      §3.1), so a top-two margin above 2γ(max‖w_k‖‖h‖ + max|b_k|) decides the row.
+    """
+
+    def __init__(self, M, W, b, U=None, float32_logits=False):
+        self.M, self.W, self.b = M, W, b
+        self.fast = U is not None
+        self.recomputed = {"means": 0, "logits": 0}  # rows decided by the float64 fallback
+        if not self.fast:
+            return
+        K, d = M.shape
+        Mc = centre(M)
+        self.A = Mc @ U
+        self.G = Mc @ Mc.mT
+        self.m_sq = self.G.diagonal()
+        m = float(self.m_sq.max().sqrt())
+        self.e = float((Mc - self.A @ U.mT).norm(dim=-1).max())
+        self.round = 16 * EPS64 * (d + K) * math.sqrt(K) * m  # × (m + ‖d‖) per row
+        self.m = m
+        self.mu_norm = M.norm(dim=-1)
+        self.W32 = W.to(torch.float32) if float32_logits else None
+        self.b32 = None if b is None or not float32_logits else b.to(torch.float32)
+        self.gamma = 1.01 * (d + 2) * 2.0**-24
+        self.w_max = float(W.norm(dim=-1).max())
+        self.b_max = 0.0 if b is None else float(b.abs().max())
+
+    @classmethod
+    def for_inputs(cls, H, M, U, W, b):
+        if H.ndim != 2 or W.ndim != 2:
+            return cls(M, W, b)
+        return cls(M, W, b, U, float32_logits=H.dtype == torch.float32 and _ieee_float32_matmul(H.device))
+
+    def count(self, c: _Chunk) -> torch.Tensor:
+        """Number of rows of chunk ``c`` whose nearest mean ≠ argmax(W h + b)."""
+        if not self.fast:
+            return nc4_t(c.H64, self.M, self.W, self.b) * c.H64.shape[-2]
+        return (self._nearest_mean(c) != self._classifier(c)).sum().to(torch.float64)
+
+    def _nearest_mean(self, c: _Chunk) -> torch.Tensor:
+        s = self.m_sq - 2 * (self.G[c.y] + c.P @ self.A.mT)  # ‖h - μ_k‖² - ‖h - μ_G‖²
+        tol = 4 * self.e * c.d_norm + self.round * (self.m + c.d_norm)
+        choice, unsure = _decide(s.neg(), tol, c, lambda h: -(self.M.square().sum(-1) - 2 * h @ self.M.mT))
+        self.recomputed["means"] += unsure
+        return choice
+
+    def _classifier(self, c: _Chunk) -> torch.Tensor:
+        if self.W32 is None:
+            logits = c.H64 @ self.W.mT
+            return (logits if self.b is None else logits + self.b).argmax(-1)
+        logits = c.H_in @ self.W32.mT
+        if self.b32 is not None:
+            logits += self.b32
+        h_norm = c.d_norm + self.mu_norm[c.y]  # ≥ ‖h‖
+        tol = 2 * self.gamma * (self.w_max * h_norm + self.b_max)
+        choice, unsure = _decide(logits, tol, c, lambda h: h @ self.W.mT + (0 if self.b is None else self.b))
+        self.recomputed["logits"] += unsure
+        return choice
+
+
+def _decide(scores, tol, c: _Chunk, exact: Callable) -> tuple[torch.Tensor, int]:
+    """argmax of ``scores`` (n, K, overwritten) per row; rows whose top-two margin is not above ``tol``
+    (n,) (or not finite) get argmax of ``exact(h)`` computed from their float64 features.
+    Returns the choices (n,) and how many rows were recomputed."""
+    best, choice = scores.max(dim=-1)
+    runner_up = scores.scatter_(-1, choice[:, None], -math.inf).amax(dim=-1)  # (topk is slow)
+    unsure = ~(best - runner_up > tol.to(scores.dtype))
+    rows = unsure.nonzero().squeeze(1)
+    if len(rows):
+        choice[rows] = exact(c.H64[rows]).argmax(-1)
+    return choice, len(rows)
+
+
+def _ieee_float32_matmul(device: torch.device) -> bool:
+    """True when float32 matmuls on ``device`` are plain IEEE float32 (no TF32/bf16)."""
+    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
 
 
 def nc1_t(quad: torch.Tensor, inv_lam: torch.Tensor):
