@@ -211,3 +211,45 @@ def test_divergence_names_step_size_and_suggests_one():
 def test_bad_input_gets_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batch_in_threaded_shards_equals_one_unsplit_batch(dtype):
+    """Shards stepping in threads (numpy backend) give bit-identical results."""
+    from nclab.ufm.solve import _Stepper
+
+    model = ufm.extended(3, 4, 5, 5, 0.01, 0.02, 0.01, relu=True, bias="free")
+    B = 40
+    lams = np.abs(np.random.default_rng(0).normal(0.01, 0.005, (B, 3)))
+    runs = [ufm.solve(model, steps=350, lr=0.1, seeds=range(B), lams=lams, dtype=dtype, backend="numpy",
+                      log_every=100, check_every=30, threads=t) for t in (1, 2)]
+    for k in runs[0].params:
+        assert np.array_equal(runs[0].params[k], runs[1].params[k]), k
+    for k in runs[0].history:
+        assert np.array_equal(runs[0].history[k], runs[1].history[k], equal_nan=True), k
+    prog = runs[0].program()
+    P = {k: v.copy() for k, v in runs[0].params.items()}
+    stepper = _Stepper(prog, P, 0.1, 0.0, threads=2)
+    assert [len(shard["H1"]) for _, shard in stepper.shards] == [20, 20]
+    stepper.close()
+
+
+def test_divergence_is_caught_in_threaded_shards():
+    model = ufm.plain(3, 4, 5, 0.01, 0.01)
+    with pytest.raises(ufm.DivergenceError, match=r"lr \(η\) = 50"):
+        ufm.solve(model, steps=300, lr=50.0, seeds=range(32), backend="numpy", threads=2, metrics=False)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2"])
+def test_bad_thread_count_is_refused(threads):
+    with pytest.raises(ValueError, match="threads"):
+        ufm.solve(ufm.plain(3, 4, 5, 0.01, 0.01), steps=1, lr=0.1, threads=threads)
+
+
+def test_backend_choice_by_problem_size():
+    from nclab.ufm.solve import _pick_backend
+    from nclab.ufm.engine import NumpyOps, TorchOps
+
+    assert _pick_backend("auto", "cpu", 1024, 200 * 20) is NumpyOps  # many small problems: threaded numpy
+    assert _pick_backend("auto", "cpu", 64, 1000 * 64) is TorchOps  # larger problems: fused torch matmuls
+    assert _pick_backend("auto", "cpu", 1, 1000 * 64) is NumpyOps
