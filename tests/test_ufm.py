@@ -68,15 +68,24 @@ def test_gradients_equal_autograd(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("ops", [NumpyOps, TorchOps])
-def test_in_place_step_is_one_gd_step(name, ops):
+@pytest.mark.parametrize("B", [1, 3])
+def test_in_place_step_is_one_gd_step(name, ops, B):
+    """Two in-place steps (the cached plan reused; fused updates for B = 1 or equal λ, and
+    per-problem λ for B = 3) equal two steps X - η ∇X from the analytic gradients."""
     model, lr = VARIANTS[name], 0.05
-    P = random_params(model, seed=1)
-    prog = Program(model, np.array([model.lams]), ops, np.float64 if ops is NumpyOps else torch.float64)
-    batched = {k: (v[None].copy() if ops is NumpyOps else torch.tensor(v[None])) for k, v in P.items()}
-    expected = {k: batched[k] - lr * g for k, g in prog.gradients(batched).items()}
-    prog.step(batched, lr)
-    for k in P:
+    lams = np.array([model.lams]) * np.arange(1, B + 1)[:, None]
+    prog = Program(model, lams, ops, np.float64 if ops is NumpyOps else torch.float64)
+    starts = [random_params(model, seed=s) for s in range(1, B + 1)]
+    batched = {k: np.stack([P[k] for P in starts]) for k in starts[0]}
+    batched = {k: (v if ops is NumpyOps else torch.tensor(v)) for k, v in batched.items()}
+    expected = {k: v * 1 for k, v in batched.items()}
+    for _ in range(2):
+        expected = {k: expected[k] - lr * g for k, g in prog.gradients(expected).items()}
+        prog.step(batched, lr)
+    for k in batched:
         assert np.allclose(np.asarray(batched[k]), np.asarray(expected[k]), rtol=0, atol=1e-14), k
+    fused = [c for c in prog._plan(batched, lr) if getattr(c.func, "__name__", "") in ("_blas_update", "baddbmm_")]
+    assert bool(fused) == (B == 1)  # one BLAS call per update when every problem has the same λ
 
 
 def rel_gap(result):

@@ -428,6 +428,7 @@ def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
     return measure(features, labels, weights, bias, num_classes=num_classes)["nc4"]
 
 
+@torch.inference_mode()
 def measure(features, labels, weights=None, bias=None, preset: str | None = None,
             num_classes: int | None = None, rtol: float = RTOL) -> dict[str, float]:
     """Every collapse metric of THEORY.md §4 for features from anywhere.

@@ -18,8 +18,11 @@ momentum μ > 0 it is heavy ball, V ← μV + ∇X, X ← X - ηV.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 from nclab.ufm.model import UFM
 
@@ -37,7 +40,7 @@ class NumpyOps:
     matmul_out = staticmethod(lambda a, b, out: np.matmul(a, b, out=out))
     positive_out = staticmethod(lambda a, out: np.greater(a, 0.0, out=out))
     multiply_out = staticmethod(lambda a, b, out: np.multiply(a, b, out=out))
-    bool_dtype = np.bool_
+    subtract_out = staticmethod(lambda a, b, out: np.subtract(a, b, out=out))
 
     @staticmethod
     def empty(shape, dtype, device):
@@ -78,7 +81,7 @@ class TorchOps:
     matmul_out = staticmethod(lambda a, b, out: torch.matmul(a, b, out=out))
     positive_out = staticmethod(lambda a, out: torch.gt(a, 0.0, out=out))
     multiply_out = staticmethod(lambda a, b, out: torch.mul(a, b, out=out))
-    bool_dtype = torch.bool
+    subtract_out = staticmethod(lambda a, b, out: torch.sub(a, b, out=out))
 
     @staticmethod
     def empty(shape, dtype, device):
@@ -193,77 +196,97 @@ class Program:
     def step(self, P, lr: float) -> None:
         """One plain GD step in place, X ← X - η ∇X, for every factor at once.
 
-        The same arithmetic as :meth:`gradients` with the step size folded into the
-        residual (R' = ηR) and the weight decay into the update (X ← (1 - ηλ)X - ηG):
-        preallocated buffers and in-place operations keep the number of array calls per
-        iteration minimal, which is what bounds small problems.
+        The same arithmetic as :meth:`gradients`, with the step size folded into the
+        residual (R' = ηR) and the weight decay into the update (X ← (1 - ηλ)X - ηG).
+        The step is a fixed list of array calls on preallocated buffers, built once per
+        (parameters, η) by :meth:`_plan`: small problems are bound by the number of calls
+        and the Python work between them, not by arithmetic.
         """
-        ops, model, L = self.ops, self.model, self.model.L
-        buf = self._step_buffers(P, lr)
-        levels = [P["H1"]]
-        for l in range(1, L):
-            A = ops.matmul_out(levels[-1], P[f"W{l}"].mT, buf[f"A{l}"])
-            if model.activation == "relu":
-                mask = ops.positive_out(A, buf[f"mask{l}"])
-                A = ops.multiply_out(A, mask, buf[f"H{l + 1}"])
-            levels.append(A)
-        Z = ops.matmul_out(levels[-1], P[f"W{L}"].mT, buf["Z"])
-        R = self._scaled_residual(Z, P, lr)
-        G = R
-        for l in range(L, 0, -1):
-            W = P[f"W{l}"]
-            gW = ops.matmul_out(G.mT, levels[l - 1], buf[f"gW{l}"])
-            if l == 1 and buf["fused_H1"] is not None:  # H1 ← (1 - ηλ)H1 - G W1: one BLAS call
-                P["H1"].baddbmm_(G, W, beta=buf["fused_H1"], alpha=-1.0)
-            else:
-                G = ops.matmul_out(G, W, buf[f"G{l}"])
-                if l > 1 and model.activation == "relu":
-                    G *= buf[f"mask{l - 1}"]
-            W *= buf["decay"][f"W{l}"]
-            W -= gW
-        if buf["fused_H1"] is None:
-            P["H1"] *= buf["decay"]["H1"]
-            P["H1"] -= G
+        for call in self._plan(P, lr):
+            call()
 
-    def _scaled_residual(self, Z, P, lr):
-        """η ∂fit/∂Z, computed in the buffer Z where possible; updates the bias too."""
+    def _plan(self, P, lr: float) -> list:
+        """The calls of one step (zero-argument callables), cached for these arrays and η."""
+        key = (lr, tuple(id(v) for v in P.values()))
+        if getattr(self, "_plan_key", None) != key:
+            self._plan_calls, self._plan_key = self._build_plan(P, lr), key
+        return self._plan_calls
+
+    def _build_plan(self, P, lr: float) -> list:
+        ops, m, L, B = self.ops, self.model, self.model.L, self.B
+        relu = m.activation == "relu"
+        widths = m.dims + (m.K,)
+        calls = []
+
+        def call(fn, *args, **kwargs):
+            calls.append(functools.partial(fn, *args, **kwargs))
+
+        def buffer(*shape):
+            return ops.empty((B,) + shape, self.dtype, self.device)
+
+        levels, masks = [P["H1"]], {}
+        for l in range(1, L):  # forward: A_l = H_l W_lᵀ, H_{l+1} = σ(A_l)
+            A = buffer(m.N, widths[l])
+            call(ops.matmul_out, levels[-1], P[f"W{l}"].mT, A)
+            if relu:  # σ'(A) as 0/1 in the float dtype (a bool mask costs a cast per use)
+                masks[l], H = buffer(m.N, widths[l]), buffer(m.N, widths[l])
+                call(ops.positive_out, A, masks[l])
+                call(ops.multiply_out, A, masks[l], H)
+                A = H
+            levels.append(A)
+        G = buffer(m.N, m.K)
+        call(ops.matmul_out, levels[-1], P[f"W{L}"].mT, G)
+        call(self._scaled_residual, G, P, lr)  # G = ηR, in place
+        for l in range(L, 1, -1):  # backward through W_l, then W_l ← (1 - ηλ)W_l - Gᵀ H_l
+            W, G_next = P[f"W{l}"], buffer(m.N, widths[l - 1])
+            call(ops.matmul_out, G, W, G_next)
+            self._plan_update(call, buffer, W, self._decay(f"W{l}", lr), G.mT, levels[l - 1])
+            if relu:
+                call(ops.multiply_out, G_next, masks[l - 1], G_next)
+            G = G_next
+        gW1 = buffer(widths[1], widths[0])  # W1's step needs the old H1 and H1's the old W1
+        call(ops.matmul_out, G.mT, P["H1"], gW1)
+        self._plan_update(call, buffer, P["H1"], self._decay("H1", lr), G, P["W1"])
+        call(ops.multiply_out, P["W1"], self._decay("W1", lr), P["W1"])
+        call(ops.subtract_out, P["W1"], gW1, P["W1"])
+        return calls
+
+    def _decay(self, name: str, lr: float):
+        """1 - ηλ for factor ``name``: a float when every problem has the same λ, else (B, 1, 1)."""
+        lam = self.lams[:, self.names.index(name)]
+        if (lam == lam[0]).all():
+            return float(1 - lr * lam[0])
+        return 1 - lr * self.lam[name]
+
+    def _plan_update(self, call, buffer, X, decay, A, Bm) -> None:
+        """Adds X ← decay·X - A Bm to the plan: one fused BLAS call where the backend has
+        one (torch baddbmm; for one numpy problem, BLAS gemm through scipy), else three."""
+        if isinstance(decay, float) and self.ops is TorchOps:
+            call(X.baddbmm_, A, Bm, beta=decay, alpha=-1.0)
+        elif isinstance(decay, float) and self.B == 1 and _blas_update_in_place(X[0], A[0], Bm[0]):
+            call(_blas_update, X[0], A[0], Bm[0], decay)
+        else:
+            product = buffer(*X.shape[1:])
+            call(self.ops.matmul_out, A, Bm, product)
+            call(self.ops.multiply_out, X, decay, X)
+            call(self.ops.subtract_out, X, product, X)
+
+    def _scaled_residual(self, Z, P, lr) -> None:
+        """Z ← η ∂fit/∂Z in place (Z the output, bias not yet added); updates the bias too."""
         model = self.model
         if model.has_bias:
             Z += P["b"]
         if model.loss == "mse":
             Z -= self.Y
             Z *= lr * self.inv_N
-            R = Z
         else:
             S, _ = self.ops.softmax_and_logsumexp(Z)
-            R = (S - self.Y) * (lr * self.inv_N)
+            self.ops.multiply_out(S - self.Y, lr * self.inv_N, Z)
         if model.has_bias:
-            gb = self.ops.sum_rows(R)
+            gb = self.ops.sum_rows(Z)
             if model.bias == "reg":
                 P["b"] *= 1 - lr * self.lam_b
             P["b"] -= gb
-        return R
-
-    def _step_buffers(self, P, lr):
-        key = (lr, id(P["H1"]))
-        if getattr(self, "_buf_key", None) == key:
-            return self._buf
-        ops, m, B = self.ops, self.model, self.B
-        widths = m.dims + (m.K,)
-        buf = {"Z": ops.empty((B, m.N, m.K), self.dtype, self.device),
-               "decay": {k: 1 - lr * v for k, v in self.lam.items()}}
-        lam_H1 = self.lams[:, 0]
-        uniform = bool((lam_H1 == lam_H1[0]).all())
-        buf["fused_H1"] = float(1 - lr * lam_H1[0]) if ops is TorchOps and uniform else None
-        for l in range(1, m.L + 1):
-            buf[f"gW{l}"] = ops.empty((B, widths[l], widths[l - 1]), self.dtype, self.device)
-            buf[f"G{l}"] = ops.empty((B, m.N, widths[l - 1]), self.dtype, self.device)
-            if l < m.L:
-                buf[f"A{l}"] = ops.empty((B, m.N, widths[l]), self.dtype, self.device)
-                buf[f"H{l + 1}"] = ops.empty((B, m.N, widths[l]), self.dtype, self.device)
-                buf[f"mask{l}"] = ops.empty((B, m.N, widths[l]), ops.bool_dtype, self.device)
-        self._buf, self._buf_key = buf, key
-        return buf
 
     # ------------------------------------------------------------------ helpers
     def maps_to_output(self, P) -> list:
@@ -272,6 +295,31 @@ class Program:
         for l in range(self.model.L - 1, 0, -1):
             maps.insert(0, maps[0] @ P[f"W{l}"])
         return maps
+
+
+def _fortran(x: np.ndarray):
+    """(a, trans) with ``a`` Fortran-ordered and op(a) = x, so BLAS needs no copy."""
+    return (x, 0) if x.flags.f_contiguous else (x.T, 1)
+
+
+def _blas_update(X: np.ndarray, A: np.ndarray, Bm: np.ndarray, decay: float) -> np.ndarray:
+    """X ← decay·X - A Bm in place for a C-ordered 2-D X, as one BLAS gemm call.
+
+    BLAS is column-major: the C-ordered X is the Fortran-ordered Xᵀ, and
+    Xᵀ ← decay·Xᵀ - Bmᵀ Aᵀ is exactly gemm(α = -1, Bmᵀ, Aᵀ, β = decay, C = Xᵀ).
+    """
+    a, trans_a = _fortran(Bm.T)
+    b, trans_b = _fortran(A.T)
+    gemm = blas.get_blas_funcs("gemm", (X,))
+    return gemm(-1.0, a, b, decay, X.T, trans_a=trans_a, trans_b=trans_b, overwrite_c=1)
+
+
+def _blas_update_in_place(X, A, Bm) -> bool:
+    """True when :func:`_blas_update` writes into X itself (float32/64, C-ordered: no copy)."""
+    if X.dtype not in (np.float32, np.float64) or not X.flags.c_contiguous:
+        return False
+    trial = X.copy()
+    return np.shares_memory(_blas_update(trial, A, Bm, 1.0), trial)
 
 
 # ----------------------------------------------------------------------------- initialisation

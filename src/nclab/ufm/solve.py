@@ -274,6 +274,7 @@ class _Recorder:
             self._level_metrics(levels, P)
         return obj
 
+    @torch.inference_mode()  # no autograd bookkeeping: ~20% less per-op cost on small problems
     def _level_metrics(self, levels, P):
         """NC metrics of every level; levels of equal width share one batched kernel call."""
         ops, model = self.prog.ops, self.prog.model
