@@ -284,7 +284,7 @@ class _Recorder:
         for l, H in enumerate(levels):
             by_width.setdefault(H.shape[-1], []).append(l)
         for group in by_width.values():
-            H = torch.cat([ops.to_torch(levels[l]) for l in group])
+            H = torch.cat([ops.to_torch(levels[l]).to(torch.float64) for l in group])  # float64 once
             W = torch.cat([ops.to_torch(maps[l]) for l in group]).double()
             bias = None if b is None else b.repeat(len(group), 1)  # used by nc4, kept for the last level only
             vals = collapse_metrics_t(H, self.y, model.K, W, bias)
