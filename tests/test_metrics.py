@@ -4,6 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nclab
 from nclab import collapsed_configuration, measure, orthogonal_frame, simplex_etf
@@ -312,3 +314,23 @@ def test_many_chunks_equal_one_chunk(monkeypatch, dtype):
     for k, v in whole[0].items():
         assert torch.allclose(chunked[0][k], v, rtol=1e-12, atol=1e-15), k
     assert chunked[1] == pytest.approx(whole[1], rel=1e-12, abs=1e-15)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**32 - 1),
+       st.sampled_from([np.float32, np.float64]), st.booleans())
+def test_fast_nc4_equals_plain_count_with_exact_ties(K, d, n, seed, dtype, with_bias):
+    """Small integer data makes exact ties common; the fast rule must break them as the
+    plain float64 rule does (it recomputes every row near a tie)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(K), n)
+    H = rng.integers(-2, 3, (K * n, d)).astype(dtype)
+    W = rng.integers(-2, 3, (K, d)).astype(dtype)
+    b = rng.integers(-1, 2, K).astype(dtype) if with_bias else None
+    means, _ = M.class_means_t(torch.as_tensor(H), torch.as_tensor(y), K)
+    if float(M.centre(means).abs().max()) == 0:
+        return  # all means equal: measure raises DegenerateError (tested elsewhere)
+    b64 = None if b is None else torch.as_tensor(b).double()
+    want = M.nc4_t(torch.as_tensor(H).double(), means, torch.as_tensor(W).double(), b64)
+    got = M.collapse_metrics_t(torch.as_tensor(H), torch.as_tensor(y), K, torch.as_tensor(W).double(), b64)["nc4"]
+    assert float(got) == float(want)
