@@ -43,8 +43,10 @@ spans the between-class directions and NC1 = Σ_j (u_jᵀ Σ_W u_j) / λ_j, wher
 u_jᵀ Σ_W u_j is the mean square of the class-centred features projected on u_j. This is
 a sum of non-negative terms: NC1 is never negative and is exactly 0 at exact collapse.
 NC4's two rules are decided cheaply (nearest mean from the K projections above, logits
-in float32 for float32 features) with a proven error bound; rows within the bound of a
-tie are recomputed in float64, so NC4 equals the plain float64 count (see ``_NC4Rule``).
+in float32 for float32 features) under a proven error bound: a row clear of a tie by more
+than the bound gets the answer of exact arithmetic, the others are recomputed in float64
+the plain way (see ``_NC4Rule``). So NC4 equals the plain float64 count wherever float64
+itself can tell the two best classes apart.
 
 The underscored ``*_t`` functions are the batched kernels shared with the UFM engine and
 :mod:`nclab.stats`: they take float64 tensors with optional leading batch dimensions
@@ -176,15 +178,15 @@ class _Chunk(NamedTuple):
 class _NC4Rule:
     """NC4 counted chunk by chunk: plainly (:func:`nc4_t`), or fast with exact decisions.
 
-    The fast rule (2-D inputs) decides most rows cheaply and recomputes in float64 only
-    rows whose top-two margin lies within a bound on the cheap rule's error, so its count
-    equals the float64 one:
+    The fast rule (2-D inputs) decides most rows cheaply: a row whose top-two margin
+    exceeds a bound on the cheap rule's error gets the answer of exact arithmetic; the
+    others are recomputed in float64 exactly as :func:`nc4_t` does.
 
     * nearest mean from the K numbers P = Uᵀd (d = h - μ_y) instead of the d numbers of h:
       ‖h - μ_k‖² = ‖h - μ_G‖² + ‖m̃_k‖² - 2(G̃_{y,k} + m̃_kᵀd) with G̃ = M̃M̃ᵀ, and
       m̃_kᵀd = (A P)_k + E_k d, where A = M̃U and E = M̃ - AUᵀ (zero when U spans the centred
-      means; what the eigenvalue cut-off dropped otherwise), so the error is ≤ 2e‖d‖,
-      e = max_k ‖E_k‖, plus rounding;
+      means; what the eigenvalue cut-off dropped otherwise): each score errs by at most
+      2e‖d‖, e = max_k ‖E_k‖, so a margin above 4e‖d‖ plus a rounding bound decides;
     * argmax(Wh + b) in float32 when the features are float32 on the CPU: float32 dot
       products of length d err by at most γ(‖w_k‖‖h‖ + |b_k|), γ = (d+2)·2⁻²⁴, in any
       summation order and with W, b rounded to float32 (Higham, Accuracy and Stability,
@@ -247,9 +249,9 @@ class _NC4Rule:
 
 
 def _decide(scores, tol, c: _Chunk, exact: Callable) -> tuple[torch.Tensor, int]:
-    """argmax of ``scores`` (n, K, overwritten) per row; rows whose top-two margin is not above ``tol``
-    (n,) (or not finite) get argmax of ``exact(h)`` computed from their float64 features.
-    Returns the choices (n,) and how many rows were recomputed."""
+    """argmax per row of ``scores`` (n, K; overwritten). Rows whose top-two margin is not
+    above ``tol`` (n,), or is not finite, get the argmax of ``exact(h)`` computed from their
+    float64 features. Returns the choices (n,) and how many rows were recomputed."""
     best, choice = scores.max(dim=-1)
     runner_up = scores.scatter_(-1, choice[:, None], -math.inf).amax(dim=-1)  # (topk is slow)
     unsure = ~(best - runner_up > tol.to(scores.dtype))
