@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nclab import ClassStats, NC4Counter, collapsed_configuration, measure
+from nclab import ClassStats, NC4Counter, measure
 
 
 def _data(seed=0, offset=0.0, K=6, d=12, n=40):

@@ -106,7 +106,7 @@ def _check_counts(class_counts) -> np.ndarray:
     try:
         arr = np.asarray(class_counts)
     except Exception:  # pragma: no cover - exotic input
-        raise ValueError(f"class_counts: expected a sequence of positive integers") from None
+        raise ValueError("class_counts: expected a sequence of positive integers") from None
     ok = arr.ndim == 1 and arr.size >= 2 and arr.dtype != bool
     if ok and arr.dtype.kind == "f":
         ok = bool(np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
