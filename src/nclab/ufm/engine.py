@@ -37,10 +37,8 @@ class NumpyOps:
     def relu(x):
         return np.maximum(x, 0.0)
 
-    matmul_out = staticmethod(lambda a, b, out: np.matmul(a, b, out=out))
-    positive_out = staticmethod(lambda a, out: np.greater(a, 0.0, out=out))
-    multiply_out = staticmethod(lambda a, b, out: np.multiply(a, b, out=out))
-    subtract_out = staticmethod(lambda a, b, out: np.subtract(a, b, out=out))
+    # the library's own functions (each takes out=): the step plan binds them directly
+    matmul, greater, multiply, subtract = np.matmul, np.greater, np.multiply, np.subtract
 
     @staticmethod
     def empty(shape, dtype, device):
@@ -78,10 +76,7 @@ class TorchOps:
     def relu(x):
         return torch.clamp_min(x, 0.0)
 
-    matmul_out = staticmethod(lambda a, b, out: torch.matmul(a, b, out=out))
-    positive_out = staticmethod(lambda a, out: torch.gt(a, 0.0, out=out))
-    multiply_out = staticmethod(lambda a, b, out: torch.mul(a, b, out=out))
-    subtract_out = staticmethod(lambda a, b, out: torch.sub(a, b, out=out))
+    matmul, greater, multiply, subtract = torch.matmul, torch.gt, torch.mul, torch.sub
 
     @staticmethod
     def empty(shape, dtype, device):
@@ -227,28 +222,28 @@ class Program:
         levels, masks = [P["H1"]], {}
         for l in range(1, L):  # forward: A_l = H_l W_lᵀ, H_{l+1} = σ(A_l)
             A = buffer(m.N, widths[l])
-            call(ops.matmul_out, levels[-1], P[f"W{l}"].mT, A)
+            call(ops.matmul, levels[-1], P[f"W{l}"].mT, out=A)
             if relu:  # σ'(A) as 0/1 in the float dtype (a bool mask costs a cast per use)
                 masks[l], H = buffer(m.N, widths[l]), buffer(m.N, widths[l])
-                call(ops.positive_out, A, masks[l])
-                call(ops.multiply_out, A, masks[l], H)
+                call(ops.greater, A, 0.0, out=masks[l])
+                call(ops.multiply, A, masks[l], out=H)
                 A = H
             levels.append(A)
         G = buffer(m.N, m.K)
-        call(ops.matmul_out, levels[-1], P[f"W{L}"].mT, G)
+        call(ops.matmul, levels[-1], P[f"W{L}"].mT, out=G)
         call(self._scaled_residual, G, P, lr)  # G = ηR, in place
         for l in range(L, 1, -1):  # backward through W_l, then W_l ← (1 - ηλ)W_l - Gᵀ H_l
             W, G_next = P[f"W{l}"], buffer(m.N, widths[l - 1])
-            call(ops.matmul_out, G, W, G_next)
+            call(ops.matmul, G, W, out=G_next)
             self._plan_update(call, buffer, W, self._decay(f"W{l}", lr), G.mT, levels[l - 1])
             if relu:
-                call(ops.multiply_out, G_next, masks[l - 1], G_next)
+                call(ops.multiply, G_next, masks[l - 1], out=G_next)
             G = G_next
         gW1 = buffer(widths[1], widths[0])  # W1's step needs the old H1 and H1's the old W1
-        call(ops.matmul_out, G.mT, P["H1"], gW1)
+        call(ops.matmul, G.mT, P["H1"], out=gW1)
         self._plan_update(call, buffer, P["H1"], self._decay("H1", lr), G, P["W1"])
-        call(ops.multiply_out, P["W1"], self._decay("W1", lr), P["W1"])
-        call(ops.subtract_out, P["W1"], gW1, P["W1"])
+        call(ops.multiply, P["W1"], self._decay("W1", lr), out=P["W1"])
+        call(ops.subtract, P["W1"], gW1, out=P["W1"])
         return calls
 
     def _decay(self, name: str, lr: float):
@@ -267,9 +262,9 @@ class Program:
             call(_blas_update, X[0], A[0], Bm[0], decay)
         else:
             product = buffer(*X.shape[1:])
-            call(self.ops.matmul_out, A, Bm, product)
-            call(self.ops.multiply_out, X, decay, X)
-            call(self.ops.subtract_out, X, product, X)
+            call(self.ops.matmul, A, Bm, out=product)
+            call(self.ops.multiply, X, decay, out=X)
+            call(self.ops.subtract, X, product, out=X)
 
     def _scaled_residual(self, Z, P, lr) -> None:
         """Z ← η ∂fit/∂Z in place (Z the output, bias not yet added); updates the bias too."""
@@ -281,7 +276,7 @@ class Program:
             Z *= lr * self.inv_N
         else:
             S, _ = self.ops.softmax_and_logsumexp(Z)
-            self.ops.multiply_out(S - self.Y, lr * self.inv_N, Z)
+            self.ops.multiply(S - self.Y, lr * self.inv_N, out=Z)
         if model.has_bias:
             gb = self.ops.sum_rows(Z)
             if model.bias == "reg":
