@@ -23,13 +23,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from nclab.settings import Settings, SettingsError, at_least, setting
+
 LOSSES = ("mse", "ce")
 ACTIVATIONS = ("linear", "relu")
 BIASES = ("none", "free", "reg")
 
 
 @dataclass(frozen=True)
-class UFM:
+class UFM(Settings):
     """A member of the UFM family; see the module docstring for the objective.
 
     Attributes:
@@ -42,40 +44,29 @@ class UFM:
         lam_b: λ_b for bias="reg".
     """
 
-    K: int
-    n: int | tuple[int, ...]
-    dims: tuple[int, ...]
-    lams: tuple[float, ...]
-    activation: str = "linear"
-    loss: str = "mse"
-    bias: str = "none"
-    lam_b: float = 0.0
+    _where = "model"
+
+    K: int = setting(help="number of classes", check=at_least(2))
+    n: int | tuple[int, ...] = setting(help="samples per class, or the K class sizes", check=at_least(1))
+    dims: tuple[int, ...] = setting(help="feature widths d_1, ..., d_L (L weight layers)", check=at_least(1))
+    lams: tuple[float, ...] = setting(help="weight decays λ_H1, λ_W1, ..., λ_WL (H1 first)", check=at_least(0))
+    activation: str = setting("linear", help="between weight layers", choices=ACTIVATIONS)
+    loss: str = setting("mse", help="fit term", choices=LOSSES)
+    bias: str = setting("none", help="classifier bias: none, free (unregularised) or reg", choices=BIASES)
+    lam_b: float = setting(0.0, help="λ_b of a regularised bias (bias = reg)", check=at_least(0))
     _counts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        if not isinstance(self.K, (int, np.integer)) or self.K < 2:
-            raise ValueError(f"K: expected an integer number of classes >= 2, got {self.K!r}")
-        counts = (self.n,) * self.K if np.isscalar(self.n) else tuple(self.n)
-        if len(counts) != self.K or any(int(c) != c or c < 1 for c in counts):
-            raise ValueError(f"n: expected a positive integer or K={self.K} positive class sizes, got {self.n!r}")
-        object.__setattr__(self, "_counts", tuple(int(c) for c in counts))
-        dims = tuple(self.dims)
-        if not dims or any(int(d) != d or d < 1 for d in dims):
-            raise ValueError(f"dims: expected positive feature widths (d_1, ..., d_L), got {self.dims!r}")
-        object.__setattr__(self, "dims", tuple(int(d) for d in dims))
-        lams = tuple(float(x) for x in np.atleast_1d(self.lams))
-        if len(lams) != len(dims) + 1:
-            raise ValueError(f"lams: expected {len(dims) + 1} values (λ_H1, λ_W1, ..., λ_WL; H1 first) "
-                             f"for {len(dims)} weight layer(s), got {len(lams)}")
-        if any(not np.isfinite(x) or x < 0 for x in lams):
-            raise ValueError(f"lams: every λ must be finite and >= 0, got {lams}")
-        object.__setattr__(self, "lams", lams)
-        for name, value, allowed in (("activation", self.activation, ACTIVATIONS),
-                                     ("loss", self.loss, LOSSES), ("bias", self.bias, BIASES)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-        if self.lam_b < 0 or (self.lam_b > 0 and self.bias != "reg"):
-            raise ValueError(f"lam_b: must be >= 0 and only set with bias='reg', got {self.lam_b}")
+    def _check_together(self):
+        counts = (self.n,) * self.K if isinstance(self.n, int) else self.n
+        if len(counts) != self.K:
+            raise SettingsError(f"model.n: expected one size or K={self.K} class sizes, got {len(counts)} sizes")
+        object.__setattr__(self, "_counts", counts)
+        if len(self.lams) != len(self.dims) + 1:
+            raise SettingsError(f"model.lams: expected {len(self.dims) + 1} values (λ_H1, λ_W1, ..., λ_WL; H1 "
+                                f"first) for {len(self.dims)} weight layer(s), got {len(self.lams)}")
+        if self.lam_b > 0 and self.bias != "reg":
+            raise SettingsError(f"model.lam_b: is only used with bias = 'reg', got lam_b={self.lam_b} "
+                                f"with bias={self.bias!r}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
