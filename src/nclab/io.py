@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,7 +37,8 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's file-creation mask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -53,14 +54,19 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
-def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    """Write dict rows as CSV atomically; floats with repr (round-trip exact)."""
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    """CSV text of dict rows; floats with repr (round-trip exact)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()})
-    write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Write dict rows as CSV atomically (:func:`csv_text`)."""
+    write_text(path, csv_text(rows, fieldnames))
 
 
 def read_toml(path, name: str = "CONFIG") -> dict:

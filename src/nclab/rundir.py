@@ -1,0 +1,354 @@
+"""One run folder: the whole life of a result folder that nclab writes.
+
+Every command that writes results (``reproduce``, ``run``, ``sweep``, ``train``) goes
+through a :class:`RunDir`, which
+
+* **creates** the folder, refusing one that already holds files unless ``mode`` is
+  ``"resume"`` (continue an nclab run there) or ``"force"`` (start over);
+* **locks** it (``fcntl.flock`` on ``.nclab/lock``): a second process on the same folder
+  gets a clear error at once; the kernel drops the lock when a process dies, even by
+  ``kill -9``, so no stale lock is ever left;
+* **writes atomically**: a file is written under ``.nclab/tmp/``, flushed to disk and
+  renamed onto its name, so a file is either absent, old or complete. Temporary files of
+  a killed process are removed by the next process that takes the lock;
+* keeps a **manifest** (``.nclab/manifest.json``) of every file and folder it wrote, so
+  ``--force`` removes exactly those and never a file of the user's, and a file of the
+  user's is never overwritten (writing onto one is an error);
+* records **parts** (one experiment, one training run) with their settings and marks
+  them complete; ``resume`` skips complete parts whose settings match and refuses parts
+  recorded with other settings (naming the differences);
+* leaves **nothing behind** when an error ends a run before any result was kept: the
+  files it created are removed, and so is the folder if it created it.
+
+Names never escape the folder: every relative path is checked to stay inside it. Files
+get the user's usual permissions (0666 less the umask), folders mkdir's default.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nclab.io import csv_text, umask
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+MODES = ("new", "resume", "force")
+META = ".nclab"
+MANIFEST_FORMAT = 1
+
+
+class RunDirError(ValueError):
+    """A result folder cannot be used as asked; the message names the option and the fix."""
+
+
+class RunDir:
+    """A result folder owned by this process (see the module docstring).
+
+    Use as a context manager::
+
+        with RunDir(path, mode="new", option="--out") as rd:
+            if rd.begin_part("fig4", settings):     # False: complete with these settings
+                rd.write_text("fig4/summary.json", ...)
+                rd.complete_part("fig4")
+
+    ``option`` is the command-line option that chose ``path``, used in messages.
+    """
+
+    def __init__(self, path, *, mode: str = "new", option: str = "--out"):
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.root = Path(path).expanduser().absolute()
+        self.mode, self.option = mode, option
+        self._lock_fd: int | None = None
+        self._created_root = self._created_meta = False
+        self._created: list[tuple[str | None, str]] = []  # (part, file or folder/) this process created
+        self._current: str | None = None  # the part being written
+        self._new_parts: set[str] = set()  # parts first recorded by this process
+        self._kept: set[str | None] = set()  # parts with a result worth keeping (None: the folder as a whole)
+        self.manifest: dict = {}
+
+    # ------------------------------------------------------------------ life cycle
+    def __enter__(self) -> "RunDir":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def open(self) -> None:
+        """Check, create and lock the folder; clean a killed process's temporary files."""
+        self._check_location()
+        self._created_root = not self.root.exists()
+        self._created_meta = not (self.root / META).exists()
+        try:
+            (self.root / META / "tmp").mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / META / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise RunDirError(f"{self.option}: cannot write to {self.root} ({exc.strerror}); "
+                              "choose a folder you can write to") from None
+        self._lock(fd)
+        shutil.rmtree(self.root / META / "tmp", ignore_errors=True)  # a killed process's leftovers
+        (self.root / META / "tmp").mkdir(exist_ok=True)
+        self.manifest = self._read_manifest()
+        try:
+            self._apply_mode()
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def close(self, *, failed: bool = False) -> None:
+        """Release the lock. After a failure, remove what this process created for parts that
+        kept no result (and, when nothing at all was kept, the folder it created)."""
+        if self._lock_fd is None:
+            return
+        if failed:
+            self._undo()
+        shutil.rmtree(self.root / META / "tmp", ignore_errors=True)
+        if failed and not self._kept and self._created_meta:
+            shutil.rmtree(self.root / META, ignore_errors=True)
+            if self._created_root:
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()  # only when empty: never a file of the user's
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _check_location(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.option}: {self.root} is a file, not a folder; give a folder path")
+        for parent in self.root.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise RunDirError(f"{self.option}: {parent} is a file, so {self.root} cannot be a folder; "
+                                      "give another path")
+                break
+
+    def _lock(self, fd: int) -> None:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunDirError(f"{self.option}: {self.root} is being written by another nclab process "
+                                  f"(pid {holder}); wait for it to finish or choose another {self.option}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _apply_mode(self) -> None:
+        ours = self.has_results()
+        user = self.user_entries()
+        if self.mode == "new" and (ours or user):
+            shown = ", ".join(sorted(user)[:3]) if user and not ours else "an earlier nclab run"
+            raise RunDirError(f"{self.option}: {self.root} already holds {shown}; choose a new {self.option}, "
+                              "pass --resume to continue an nclab run there, or --force to replace nclab's "
+                              "earlier results (your own files are kept)")
+        if self.mode == "resume" and user and not self.manifest.get("files"):
+            raise RunDirError(f"{self.option}: {self.root} holds no nclab run to resume (it has "
+                              f"{', '.join(sorted(user)[:3])}); choose another {self.option}")
+        if self.mode == "force":
+            self._remove_ours()
+
+    # ------------------------------------------------------------------ what is there
+    def has_results(self) -> bool:
+        """Whether any file that nclab wrote here still exists."""
+        return any((self.root / rel).is_file() for rel in self.manifest.get("files", []))
+
+    def user_entries(self) -> list[str]:
+        """Top-level entries that nclab did not write (the user's files and folders)."""
+        ours = {Path(rel).parts[0] for rel in self.manifest.get("files", []) + self.manifest.get("dirs", [])}
+        return [p.name for p in self.root.iterdir() if p.name != META and p.name not in ours]
+
+    def path(self, rel: str | os.PathLike) -> Path:
+        """The absolute path of ``rel``, which must stay inside the folder."""
+        rel = Path(rel)
+        target = (self.root / rel).resolve()
+        root = self.root.resolve()
+        if rel.is_absolute() or target == root or root not in target.parents or META in rel.parts:
+            raise RunDirError(f"name: {str(rel)!r} would write outside {self.root}; use a plain relative name")
+        return self.root / rel
+
+    # ------------------------------------------------------------------ parts
+    def part(self, name: str) -> dict | None:
+        """The record of part ``name`` ({"settings": ..., "complete": bool}) or None."""
+        return self.manifest.get("parts", {}).get(name)
+
+    def begin_part(self, name: str, settings: dict) -> bool:
+        """Start part ``name``; False when it is complete with the same ``settings`` (skip it).
+
+        A part recorded with other settings is an error (under ``resume``, the only mode
+        in which earlier parts exist), naming the settings that differ.
+        """
+        settings = json.loads(json.dumps(settings))  # the plain form the manifest stores
+        old = self.part(name)
+        if old is not None and old["settings"] != settings:
+            diff = ", ".join(_differences(old["settings"], settings)[:4])
+            raise RunDirError(f"--resume: {name} in {self.root} was run with other settings ({diff}); resume "
+                              f"with the same settings, pass --force to start over, or choose another {self.option}")
+        if old is not None and old["complete"]:
+            return False
+        if old is None:
+            self.manifest.setdefault("parts", {})[name] = {"settings": settings, "complete": False}
+            self._new_parts.add(name)
+            self._write_manifest()
+        self._current = name
+        return True
+
+    def complete_part(self, name: str) -> None:
+        """Mark part ``name`` complete: a result kept even if a later part fails."""
+        self.manifest["parts"][name]["complete"] = True
+        self._write_manifest()
+        self.keep(name)
+        self._current = None
+
+    def reopen_part(self, name: str) -> None:
+        """Mark a complete part as incomplete (its outputs were found missing or unreadable)."""
+        self.manifest["parts"][name]["complete"] = False
+        self._write_manifest()
+
+    def keep(self, part: str | None = None) -> None:
+        """Declare that ``part`` (default: the current one) holds a result worth keeping, e.g. a
+        checkpoint: a failure later leaves its files for ``--resume``."""
+        self._kept.update({part or self._current, None})
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def atomic(self, rel):
+        """Yield a temporary path; on success it is renamed onto ``rel`` (recorded in the manifest)."""
+        target = self.path(rel)
+        key = target.relative_to(self.root).as_posix()
+        if target.exists() and key not in self.manifest.get("files", []):
+            raise RunDirError(f"{self.option}: {target} exists and was not written by nclab; move it away or "
+                              f"choose another {self.option}")
+        self._make_parents(target)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=self.root / META / "tmp")
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~umask())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if key not in self.manifest.setdefault("files", []):
+                self.manifest["files"].append(key)
+                self._write_manifest()
+            existed = target.exists()
+            os.replace(tmp, target)
+            if not existed:
+                self._created.append((self._current, key))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_text(self, rel, text: str) -> Path:
+        with self.atomic(rel) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return self.path(rel)
+
+    def write_json(self, rel, obj) -> Path:
+        return self.write_text(rel, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+    def write_csv(self, rel, rows: list[dict], fieldnames: list[str] | None = None) -> Path:
+        return self.write_text(rel, csv_text(rows, fieldnames))
+
+    def save_figure(self, fig, rel_stem, formats=("png", "pdf")) -> list[Path]:
+        """Save a matplotlib figure as ``rel_stem.<format>`` for each format; closes it."""
+        import matplotlib.pyplot as plt
+
+        paths = []
+        try:
+            for fmt in formats:
+                rel = f"{rel_stem}.{fmt}"
+                with self.atomic(rel) as tmp:
+                    fig.savefig(tmp, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
+                paths.append(self.path(rel))
+        finally:
+            plt.close(fig)
+        return paths
+
+    # ------------------------------------------------------------------ internals
+    def _make_parents(self, target: Path) -> None:
+        missing = []
+        parent = target.parent
+        while parent != self.root and not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            key = folder.relative_to(self.root).as_posix()
+            self.manifest.setdefault("dirs", []).append(key)
+            self._created.append((self._current, key + "/"))
+        if missing:
+            self._write_manifest()
+
+    def _read_manifest(self) -> dict:
+        path = self.root / META / "manifest.json"
+        if not path.is_file():
+            return {"format": MANIFEST_FORMAT, "files": [], "dirs": [], "parts": {}}
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+                raise ValueError("unknown format")
+        except (ValueError, OSError) as exc:
+            raise RunDirError(f"{self.option}: {path} is unreadable ({exc}); nclab cannot tell its files from "
+                              f"yours there, so move the folder away or choose another {self.option}") from None
+        return data
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self.manifest, indent=1) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix="manifest.", dir=self.root / META / "tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / META / "manifest.json")
+
+    def _remove_ours(self) -> None:
+        """--force: delete every file and folder of the manifest (folders only when empty)."""
+        for rel in self.manifest.get("files", []):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / rel).unlink()
+        for rel in sorted(self.manifest.get("dirs", []), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                (self.root / rel).rmdir()
+        self.manifest = {"format": MANIFEST_FORMAT, "files": [], "dirs": [], "parts": {}}
+        self._write_manifest()
+
+    def _undo(self) -> None:
+        """Remove what this process created for parts without a kept result (newest first)."""
+        undone = set()
+        for part, key in reversed(self._created):
+            if part in self._kept:
+                continue
+            undone.add(key)
+            with contextlib.suppress(OSError):
+                if key.endswith("/"):
+                    (self.root / key).rmdir()
+                else:
+                    (self.root / key).unlink()
+        self.manifest["files"] = [f for f in self.manifest.get("files", []) if f not in undone]
+        self.manifest["dirs"] = [d for d in self.manifest.get("dirs", []) if d + "/" not in undone]
+        parts = self.manifest.get("parts", {})
+        for name in self._new_parts - self._kept:
+            parts.pop(name, None)
+        if not (self._created_meta and not self._kept):
+            with contextlib.suppress(OSError):
+                self._write_manifest()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out
