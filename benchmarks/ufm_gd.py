@@ -83,19 +83,17 @@ def main():
 
     steps = 4000 // q
     ref = rate(lambda: reference_run(fig4, steps, 0.1, torch.float64), steps)
-    ours = rate(lambda: ufm.solve(fig4, steps=steps, lr=0.1, log_every=100), steps)
+    ours = rate(lambda: ufm.solve(fig4, ufm.GD(steps=steps, lr=0.1, log_every=100)), steps)
     rows.append(("fig4-single  (float64, 1 problem)", ref, ours, 12))
 
     steps, B = 1000 // q, 64
     ref32 = rate(lambda: reference_run(fig4, steps, 0.1, torch.float32), steps)
-    ours = rate(lambda: ufm.solve(fig4, steps=steps, lr=0.1, seeds=range(B), dtype="float32",
-                                  log_every=100), steps) * B
+    ours = rate(lambda: ufm.solve(fig4, ufm.GD(steps=steps, lr=0.1, dtype="float32", log_every=100), seeds=range(B)), steps) * B
     rows.append((f"fig4-batch{B} (float32, per problem)", ref32, ours, 40))
 
     steps = 60 // q
     ref = rate(lambda: reference_run(large, steps, 0.5, torch.float32, log_every=10**9), steps, 1)
-    ours = rate(lambda: ufm.solve(large, steps=steps, lr=0.5, dtype="float32",
-                                  log_every=10**9, metrics=False), steps, 1)
+    ours = rate(lambda: ufm.solve(large, ufm.GD(steps=steps, lr=0.5, dtype="float32", log_every=10**9, metrics=False)), steps, 1)
     rows.append(("large-plain  (K=100,n=500,d=512,f32)", ref, ours, 2))
 
     print(f"UFM gradient descent: iterations/s, reference (autograd + SGD) vs nclab, device {args.device}")
@@ -107,8 +105,7 @@ def main():
         B = 16384
         steps = 2000
         for dt in ("float32",):
-            solve = lambda: ufm.solve(fig4, steps=steps, lr=0.1, seeds=range(B), dtype=dt,  # noqa: E731
-                                      device=args.device, log_every=10**9, metrics=False)
+            solve = lambda: ufm.solve(fig4, ufm.GD(steps=steps, lr=0.1, dtype=dt, device=args.device, log_every=10**9, metrics=False), seeds=range(B))
             solve()
             torch.cuda.synchronize()
             t = time.perf_counter()

@@ -18,8 +18,8 @@ def test_measure_on_cuda_equals_cpu():
 
 def test_ufm_solve_on_cuda_equals_cpu_in_float64():
     model = ufm.extended(4, 10, 8, 8, 0.005, 0.005, 0.005, relu=True)
-    cpu = ufm.solve(model, steps=2000, lr=0.1, seeds=range(3), log_every=500)
-    gpu = ufm.solve(model, steps=2000, lr=0.1, seeds=range(3), log_every=500, device="cuda")
+    cpu = ufm.solve(model, ufm.GD(steps=2000, lr=0.1, log_every=500), seeds=range(3))
+    gpu = ufm.solve(model, ufm.GD(steps=2000, lr=0.1, log_every=500, device="cuda"), seeds=range(3))
     assert gpu.settings["backend"] == "torch"
     np.testing.assert_allclose(gpu.history["objective"], cpu.history["objective"], rtol=1e-10)
     np.testing.assert_allclose(gpu.history["H2.nc1"], cpu.history["H2.nc1"], rtol=1e-6, atol=1e-20)
@@ -27,8 +27,7 @@ def test_ufm_solve_on_cuda_equals_cpu_in_float64():
 
 def test_ufm_float32_batch_on_cuda_converges():
     model = ufm.extended(4, 50, 20, 20, 0.005, 0.005, 0.005)
-    r = ufm.solve(model, steps=20_000, lr=0.1, seeds=range(256), dtype="float32", device="cuda",
-                  log_every=20_000)
+    r = ufm.solve(model, ufm.GD(steps=20_000, lr=0.1, dtype="float32", device="cuda", log_every=20_000), seeds=range(256))
     assert np.median(np.abs(r.final("gap") / r.f_star)) < 1e-4
 
 

@@ -1,6 +1,7 @@
 """The batched plain-GD solver with theory and collapse metrics at every logged step."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from nclab import theory
 from nclab.metrics import collapse_metrics_t
 from nclab.threads import SMALL_WORK, cpu_threads
 from nclab.ufm.engine import NumpyOps, Program, TorchOps, as_float, initial_parameters, smoothness_estimate
+from nclab.ufm.gd import GD
 from nclab.ufm.model import UFM
 
 #: problems with N · width below this step fastest on numpy at any batch size (see _pick_backend)
@@ -23,8 +25,16 @@ LEVEL_METRICS = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3_etf", "nc
                  "nc3_duality_etf", "nc3_duality_of")
 
 
-class DivergenceError(RuntimeError):
-    """Gradient descent diverged (NaN/Inf or a million-fold growth of the objective)."""
+class DivergenceError(ValueError):
+    """Gradient descent diverged (NaN/Inf or a million-fold growth of the objective).
+
+    A ValueError: the step size (or λ, or the initialisation) is a bad input.
+    ``suggested_lr`` is a step size that ran stably from the same start, or None.
+    """
+
+    def __init__(self, message: str, suggested_lr: float | None = None):
+        super().__init__(message)
+        self.suggested_lr = suggested_lr
 
 
 def optimal_objective(model: UFM, lams=None, *, strict: bool = True) -> float | None:
@@ -58,13 +68,59 @@ def optimal_objective(model: UFM, lams=None, *, strict: bool = True) -> float | 
     return theory.f_star_imbalanced(model.class_counts, lams, bias=bias)
 
 
-def suggest_lr(model: UFM, *, seeds=(0,), lams=None, init_std=0.1) -> float:
-    """A safe GD step size 1/L for these problems, L the largest Hessian eigenvalue at
-    their initial points (:func:`nclab.ufm.smoothness_estimate`); GD needs η < 2/L there."""
-    B, seeds, lam_arr, std = _broadcast_batch(model, seeds, lams, init_std, None)
+def suggest_lr(model: UFM, settings: GD | None = None, *, seeds=None, lams=None, init_std=None) -> float:
+    """A step size that GD runs stably from these problems' initial points.
+
+    ``settings.lr`` itself when a check run of :data:`CHECK_STEPS` iterations (at most
+    ``settings.steps``) from the same start does not diverge; else the largest of 1/L,
+    1/(2L), ... (L the largest Hessian eigenvalue at the start,
+    :func:`nclab.ufm.smoothness_estimate`) for which that check run is stable. The check
+    runs on the CPU in float64 without metrics.
+    """
+    settings = settings or GD()
+    B, seeds, lam_arr, std = _broadcast_batch(model, settings, seeds, lams, init_std, None)
+    P0 = initial_parameters(model, seeds, std)
+    if _runs_stably(model, settings, lam_arr, P0, settings.lr):
+        return settings.lr
+    return _verified_lr(model, settings, lam_arr, P0)
+
+
+#: iterations of the check run behind every suggested step size
+CHECK_STEPS = 5000
+
+
+def _runs_stably(model, settings: GD, lam_arr, P0, lr: float) -> bool:
+    """Whether ``CHECK_STEPS`` GD iterations (at most settings.steps) from P0 stay finite."""
+    check = settings.replace(steps=max(1, min(CHECK_STEPS, settings.steps)), lr=lr, momentum=settings.momentum,
+                             metrics=False, log_every=CHECK_STEPS, tol=None, device="cpu", backend="numpy",
+                             dtype="float64")
+    try:
+        _solve(model, check, P0, lam_arr, np.zeros(len(lam_arr), dtype=np.int64), None, None)
+    except _Diverged:
+        return False
+    return True
+
+
+def _verified_lr(model, settings: GD, lam_arr, P0) -> float | None:
+    """The largest of 1/L, 1/(2L), ... (at most settings.lr / 2) that a check run shows stable."""
     prog = Program(model, lam_arr, NumpyOps, np.float64)
-    est = smoothness_estimate(prog, initial_parameters(model, seeds, std))
-    return float(1.0 / est.max())
+    P = {k: np.array(v, dtype=np.float64) for k, v in P0.items()}
+    est = smoothness_estimate(prog, P)
+    lr = settings.lr / 2
+    if np.isfinite(est).all() and est.max() > 0:
+        lr = min(lr, float(1.0 / est.max()))
+    for _ in range(40):
+        lr = _three_digits_down(lr)  # the value printed is the value checked
+        if _runs_stably(model, settings, lam_arr, P0, lr):
+            return lr
+        lr /= 2
+    return None
+
+
+def _three_digits_down(x: float) -> float:
+    """x rounded down to 3 significant digits (x > 0)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return math.floor(x / unit) * unit
 
 
 @dataclass
@@ -78,6 +134,8 @@ class Result:
             fit, reg, gap (objective - f*), and "<level>.<metric>" for level H1..HL.
         params: final parameters, float64 numpy arrays with leading axis B.
         iterations: iterations run; seconds: wall time of the loop; stopped_early: bool.
+        settings: the :class:`GD` settings of the run; init_std: (B,) initialisation
+            scales; backend: "numpy" or "torch".
     """
 
     model: UFM
@@ -89,7 +147,9 @@ class Result:
     iterations: int
     seconds: float
     stopped_early: bool = False
-    settings: dict = field(default_factory=dict)
+    settings: GD = field(default_factory=GD)
+    init_std: np.ndarray | None = None
+    backend: str = "numpy"
 
     def program(self) -> Program:
         """A float64 numpy :class:`Program` of these problems, e.g. to evaluate ``params``."""
@@ -106,81 +166,84 @@ class Result:
                 for t, it in enumerate(self.history["iteration"])]
 
 
-def solve(model: UFM, *, steps: int, lr: float, momentum: float = 0.0, seeds=(0,), lams=None,
-          init_std=0.1, init: dict | None = None, dtype: str = "float64", device: str = "cpu",
-          log_every: int = 100, metrics: bool = True, tol: float | None = None,
-          backend: str = "auto", progress=None, check_every: int = 100, threads: int | None = None) -> Result:
+def solve(model: UFM, settings: GD | None = None, *, seeds=None, lams=None, init_std=None, init: dict | None = None,
+          progress=None) -> Result:
     """Plain full-batch gradient descent on B independent problems at once.
 
     Args:
         model: the UFM (structure, and λ unless ``lams`` is given).
-        steps: iterations; lr: step size η > 0; momentum: heavy-ball μ in [0, 1).
-        seeds: one initialisation seed per problem (B = len(seeds), broadcast with
-            ``lams`` rows and ``init_std``); lams: (B, L+1) per-problem λ, H1 first.
-        init_std: std of the i.i.d. Gaussian initialisation (scalar or (B,)).
-        init: given initial parameters instead (dict of arrays, leading axis B or none).
-        dtype: "float64" (default; the theory checks need it) or "float32".
-        device: "cpu" or "cuda"; backend: "numpy", "torch" or "auto" (numpy for small
-            problems on a CPU, where its lower per-call overhead wins; torch for large
-            ones and on CUDA).
-        log_every: record objective, gap and metrics every this many iterations (and
-            at the start and the end); metrics: also compute NC metrics per level.
-        tol: stop early once every problem's relative gap |f - f*| / f* < tol.
-        progress: None/False, True (a tqdm bar), or a callable(iteration, result_so_far).
-        check_every: test for divergence this often between logs.
-        threads: CPU threads that step shards of the batch in parallel on the numpy
-            backend (None: every core this process may use; 1 on a shared machine).
+        settings: how to run (:class:`nclab.ufm.GD`: steps, lr, momentum, seed, restarts,
+            init_std, dtype, device, backend, log_every, tol, threads, metrics);
+            default ``GD()``.
+        seeds: one initialisation seed per problem (default: settings.seed, +1, ... for B
+            problems); lams: (B, L+1) per-problem λ, H1 first; init_std: per-problem
+            initialisation std (B,); init: given initial parameters instead (dict of
+            arrays, leading axis B or none). B is the common length of these (and of
+            settings.restarts); a length of 1 broadcasts.
+        progress: None/False, True (a tqdm bar), or a callable(iteration, recorder).
     Raises:
-        ValueError for bad arguments, DivergenceError (naming η and a stable step size
-        from a smoothness estimate) when the run diverges.
+        ValueError for bad arguments; DivergenceError when the run diverges, naming η
+        and a step size that a check run from the same start showed to be stable.
     """
-    _check_args(steps, lr, momentum, log_every, dtype, device, backend, tol, threads)
+    settings = settings or GD()
+    if not isinstance(settings, GD):
+        raise TypeError(f"settings: expected nclab.ufm.GD, got {type(settings).__name__}")
     if init is not None:
         _check_init(model, init)
-    B, seeds, lam_arr, init_std = _broadcast_batch(model, seeds, lams, init_std, init)
-    ops = _pick_backend(backend, device, B, model.N * max(model.dims + (model.K,)))
-    np_dtype, t_dtype = np.dtype(dtype), getattr(torch, dtype)
-    prog = Program(model, lam_arr, ops, np_dtype if ops is NumpyOps else t_dtype, device)
+    B, seeds, lam_arr, init_std = _broadcast_batch(model, settings, seeds, lams, init_std, init)
     P0 = init if init is not None else initial_parameters(model, seeds, init_std)
-    P = {k: _to_backend(v, B, ops, np_dtype, t_dtype, device) for k, v in P0.items()}
-    f_star = np.array([_nan_if_none(optimal_objective(model, row, strict=False)) for row in lam_arr])
-    y = torch.as_tensor(model.labels(), device=device if ops is TorchOps else "cpu")
+    try:
+        return _solve(model, settings, P0, lam_arr, seeds, init_std, progress)
+    except _Diverged as exc:
+        advice = _verified_lr(model, settings, lam_arr[exc.problems], {k: _rows(v, exc.problems) for k, v in P0.items()})
+        raise DivergenceError(exc.message(settings.lr, advice), advice) from None
 
-    small = str(device) == "cpu" and B * model.N * max(model.dims + (model.K,)) < SMALL_WORK
+
+def _rows(v, problems):
+    v = as_float(v)
+    return v[problems] if v.ndim == 3 and v.shape[0] > 1 else v
+
+
+def _solve(model, settings: GD, P0, lam_arr, seeds, init_std, progress) -> Result:
+    """:func:`solve` after its checks; raises _Diverged."""
+    B = len(lam_arr)
+    ops = _pick_backend(settings.backend, settings.device, B, model.N * max(model.dims + (model.K,)))
+    np_dtype, t_dtype = np.dtype(settings.dtype), getattr(torch, settings.dtype)
+    prog = Program(model, lam_arr, ops, np_dtype if ops is NumpyOps else t_dtype, settings.device)
+    P = {k: _to_backend(v, B, ops, np_dtype, t_dtype, settings.device) for k, v in P0.items()}
+    f_star = np.array([_nan_if_none(optimal_objective(model, row, strict=False)) for row in lam_arr])
+    y = torch.as_tensor(model.labels(), device=settings.device if ops is TorchOps else "cpu")
+    small = settings.device == "cpu" and B * model.N * max(model.dims + (model.K,)) < SMALL_WORK
     # tiny tensors: 1 thread never stalls on a busy machine; overflow is detected and reported below
     with cpu_threads(1 if small else None), np.errstate(over="ignore", invalid="ignore"):
-        return _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, steps=steps, lr=lr,
-                        momentum=momentum, log_every=log_every, metrics=metrics, tol=tol, progress=progress,
-                        check_every=check_every, threads=threads or _usable_cores(),
-                        settings=dict(dtype=dtype, device=device, backend=ops.name))
+        return _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, settings, progress, ops.name)
 
 
-def _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, *, steps, lr, momentum, log_every, metrics,
-             tol, progress, check_every, threads, settings) -> Result:
+def _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, settings: GD, progress, backend) -> Result:
     """The iterations of :func:`solve` (arguments validated there)."""
-    recorder = _Recorder(prog, f_star, y, metrics)
-    stepper = _Stepper(prog, P, lr, momentum, threads)
+    steps, log_every = settings.steps, settings.log_every
+    recorder = _Recorder(prog, f_star, y, settings.metrics)
+    stepper = _Stepper(prog, P, settings.lr, settings.momentum, settings.threads or _usable_cores())
     bar = _progress_bar(progress, steps)
     start, stopped, it = time.perf_counter(), False, 0
-    P_init = {k: v * 1 for k, v in P.items()}  # a copy (steps are in place), for the smoothness estimate
     first = recorder.log(0, P)
     initial_objective = np.maximum(first, 1e-300)
-    _check_finite(first, initial_objective, prog, P_init, lr, 0)
+    _check_finite(first, initial_objective, 0)
     try:
         while it < steps:
-            n = min(log_every - it % log_every, check_every - it % check_every, steps - it)
+            n = min(log_every - it % log_every, CHECK_EVERY - it % CHECK_EVERY, steps - it)
             stepper.run(n)
             it += n
             if it % log_every == 0 or it == steps:
                 obj = recorder.log(it, P)
-                _check_finite(obj, initial_objective, prog, P_init, lr, it)
+                _check_finite(obj, initial_objective, it)
                 _report(bar, progress, it, recorder)
-                if tol is not None and _converged(obj, f_star, tol):
+                if settings.tol is not None and _converged(obj, f_star, settings.tol):
                     stopped = it < steps
                     break
             else:
                 fit, reg = prog.objective(P)
-                _check_finite(as_float(fit + reg), initial_objective, prog, P_init, lr, it)
+                _check_finite(as_float(fit + reg), initial_objective, it)
     finally:
         stepper.close()
         if bar is not None:
@@ -188,8 +251,11 @@ def _gd_loop(model, prog, P, f_star, y, lam_arr, seeds, init_std, *, steps, lr, 
     return Result(model=model, lams=lam_arr, seeds=np.asarray(seeds), f_star=f_star,
                   history=recorder.history(), params={k: as_float(v) for k, v in P.items()},
                   iterations=it, seconds=time.perf_counter() - start, stopped_early=stopped,
-                  settings=dict(steps=steps, lr=lr, momentum=momentum, init_std=np.asarray(init_std).tolist(),
-                                log_every=log_every, **settings))
+                  settings=settings, init_std=np.asarray(init_std), backend=backend)
+
+
+#: iterations between divergence tests when no log falls in between
+CHECK_EVERY = 100
 
 
 class _Stepper:
@@ -312,49 +378,33 @@ class _Recorder:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_args(steps, lr, momentum, log_every, dtype, device, backend, tol, threads):
-    if not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr: the step size η must be a positive number, got {lr!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum: expected 0 <= μ < 1, got {momentum}")
-    if not isinstance(log_every, (int, np.integer)) or log_every < 1:
-        raise ValueError(f"log_every: expected a positive integer, got {log_every!r}")
-    if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
-    if backend not in ("auto", "numpy", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'numpy' or 'torch', got {backend!r}")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was requested but torch.cuda.is_available() is False; use device='cpu'")
-    if str(device).startswith("cuda") and backend == "numpy":
-        raise ValueError("backend: numpy runs on the CPU only; use backend='torch' with device='cuda'")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol: expected a positive relative gap tolerance, got {tol}")
-    if threads is not None and not (isinstance(threads, (int, np.integer)) and threads >= 1):
-        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
-
-
-def _broadcast_batch(model, seeds, lams, init_std, init):
-    seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+def _broadcast_batch(model, settings: GD, seeds, lams, init_std, init):
+    """(B, seeds (B,), λ (B, L+1), init std (B,)) from per-problem overrides and the settings."""
     lam_arr = np.atleast_2d(np.asarray(model.lams if lams is None else lams, dtype=np.float64))
-    if lam_arr.shape[1] != model.L + 1:
+    if lam_arr.ndim != 2 or lam_arr.shape[1] != model.L + 1:
         raise ValueError(f"lams: expected rows of {model.L + 1} values (H1 first), got shape {lam_arr.shape}")
     if (lam_arr < 0).any() or not np.isfinite(lam_arr).all():
         raise ValueError("lams: every λ must be finite and >= 0")
-    std = np.atleast_1d(np.asarray(init_std, dtype=np.float64))
-    if (std < 0).any():
-        raise ValueError(f"init_std: must be >= 0, got {init_std}")
-    sizes = {len(seeds), len(lam_arr), len(std)}
+    std = np.atleast_1d(np.asarray(settings.init_std if init_std is None else init_std, dtype=np.float64))
+    if std.ndim != 1 or not np.isfinite(std).all() or (std < 0).any():
+        raise ValueError(f"init_std: expected finite values >= 0, got {init_std}")
+    sizes = {settings.restarts, len(lam_arr), len(std)}
+    if seeds is not None:
+        seeds = np.atleast_1d(np.asarray(seeds))
+        if seeds.ndim != 1 or len(seeds) == 0 or not np.issubdtype(seeds.dtype, np.integer):
+            raise ValueError(f"seeds: expected a non-empty list of integers, got {seeds.tolist()!r}")
+        sizes.add(len(seeds))
     if init is not None:
         h = init["H1"]
         sizes.add(h.shape[0] if h.ndim == 3 else 1)
     sizes.discard(1)
     if len(sizes) > 1:
-        raise ValueError(f"seeds/lams/init_std/init: batch sizes {sorted(sizes)} disagree; give one B or 1")
+        raise ValueError(f"seeds/lams/init_std/init/restarts: batch sizes {sorted(sizes)} disagree; give one B or 1")
     B = sizes.pop() if sizes else 1
-    return (B, np.broadcast_to(seeds, (B,)).copy(), np.broadcast_to(lam_arr, (B, model.L + 1)).copy(),
-            np.broadcast_to(std, (B,)).copy())
+    if seeds is None:
+        seeds = settings.seed + np.arange(B)
+    return (B, np.broadcast_to(seeds.astype(np.int64), (B,)).copy(),
+            np.broadcast_to(lam_arr, (B, model.L + 1)).copy(), np.broadcast_to(std, (B,)).copy())
 
 
 def _pick_backend(backend, device, B: int, work: int):
@@ -399,23 +449,24 @@ def _nan_if_none(x):
     return np.nan if x is None else x
 
 
-def _check_finite(obj, initial, prog, P_init, lr, it):
+class _Diverged(Exception):
+    """Raised inside the loop; :func:`solve` turns it into a DivergenceError with advice."""
+
+    def __init__(self, it: int, problems: np.ndarray, non_finite: bool):
+        self.it, self.problems, self.non_finite = it, problems, non_finite
+
+    def message(self, lr: float, advice: float | None) -> str:
+        what = "non-finite" if self.non_finite else "a million times larger"
+        hint = (f"; try lr <= {advice:.3g} (that step ran stably from the same start over {CHECK_STEPS} iterations)"
+                if advice is not None else "; no smaller step size ran stably either: check λ and init_std")
+        return (f"lr: gradient descent diverged at iteration {self.it} for problem(s) "
+                f"{self.problems[:8].tolist()} with lr (η) = {lr}: the objective became {what}{hint}")
+
+
+def _check_finite(obj, initial, it):
     bad = ~np.isfinite(obj) | (obj > 1e6 * initial)
-    if not bad.any():
-        return
-    problems = np.flatnonzero(bad)
-    hint = ""
-    try:
-        est = smoothness_estimate(prog, P_init)
-        if np.isfinite(est).all() and est.max() > 0:
-            hint = f"; a smoothness estimate near the initial point gives L ≈ {est.max():.3g}, try lr <= {1 / est.max():.3g}"
-    except Exception:  # the estimate is advice only
-        pass
-    raise DivergenceError(
-        f"gradient descent diverged at iteration {it} for problem(s) {problems[:8].tolist()} "
-        f"with lr (η) = {lr}: the objective became {'non-finite' if not np.isfinite(obj).all() else 'a million times larger'}"
-        f"{hint}; GD is stable only for η < 2/L"
-    )
+    if bad.any():
+        raise _Diverged(it, np.flatnonzero(bad), not np.isfinite(obj).all())
 
 
 def _converged(obj, f_star, tol) -> bool:
