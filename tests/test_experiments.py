@@ -37,7 +37,7 @@ def test_reproduce_writes_every_documented_file(fig3_run):
     assert s["objective_optimal"] == pytest.approx(0.10773572, abs=1e-8)
     for level in ("H1", "H2"):
         assert set(LEVEL_FIELDS) - {"nc1_trace"} <= set(s["levels"][level])
-    assert C.load(d / "config.toml")["solver"]["steps"] == 2000
+    assert C.load(d / "config.toml").solver.steps == 2000
 
 
 def test_figure_is_a_readable_png(fig3_run):
@@ -63,16 +63,16 @@ def test_report_lists_experiments_and_quick_reproduce_covers_all(tmp_path):
 def test_existing_results_are_not_overwritten_and_resume_skips(fig3_run, capsys):
     before = (fig3_run / "fig3" / "metrics.csv").read_text()
     assert main(["reproduce", "fig3", "--iterations", "2000", "--out", str(fig3_run)]) == 2
-    assert "already holds results" in capsys.readouterr().err
+    assert "already holds an earlier nclab run" in capsys.readouterr().err
     assert main(["reproduce", "fig3", "--iterations", "2000", "--out", str(fig3_run), "--resume"]) == 0
     assert "skipped" in capsys.readouterr().out
     assert (fig3_run / "fig3" / "metrics.csv").read_text() == before
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1, 0.1]\ncolour = 1\n", "unknown key model.colour"),
-    ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1, -0.1]\n", "model.lams[1] must be >= 0"),
-    ("[model]\nK = 'four'\nn = 5\ndims = [8]\nlams = [0.1, 0.1]\n", "model.K must be a integer"),
+    ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1, 0.1]\ncolour = 1\n", "model: unknown key 'colour'"),
+    ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1, -0.1]\n", "model.lams: must be >= 0"),
+    ("[model]\nK = 'four'\nn = 5\ndims = [8]\nlams = [0.1, 0.1]\n", "model.K: must be an integer"),
     ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1, 0.1]\n[solver]\nsteps = 'many'\n", "solver.steps"),
     ("[model]\nK = 4\nn = 5\ndims = [8]\nlams = [0.1]\n", "lams: expected 2"),
     ("[model]\nK = 4\nn = 5\nlams = [0.1, 0.1]\n", "missing required key model.dims"),
@@ -91,7 +91,7 @@ def test_bad_config_gives_one_line_error_and_writes_nothing(tmp_path, capsys, te
 
 def test_set_overrides_and_unknown_names(tmp_path, capsys):
     cfg = C.apply_overrides(C.builtin("ufm"), ["solver.steps=300", "model.lams=[0.01, 0.02]"])
-    assert cfg["solver"]["steps"] == 300 and cfg["model"]["lams"] == [0.01, 0.02]
+    assert cfg.solver.steps == 300 and cfg.model.lams == (0.01, 0.02)
     with pytest.raises(ValueError, match="--set"):
         C.apply_overrides(cfg, ["steps"])
     assert main(["reproduce", "fig99", "--out", str(tmp_path / "x")]) == 2
@@ -99,16 +99,16 @@ def test_set_overrides_and_unknown_names(tmp_path, capsys):
 
 
 def test_sweeps_write_csv_and_figure(tmp_path):
-    assert main(["sweep", "plain", "--points", "4", "--steps", "300", "--out", str(tmp_path), "--quiet"]) == 0
-    rows = read_csv(tmp_path / "sweep-plain.csv")
+    assert main(["sweep", "plain", "--points", "4", "--steps", "300", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    rows = read_csv(tmp_path / "p" / "sweep.csv")
     assert len(rows) == 4 and {"c", "objective", "f_star", "H1.nc1"} <= set(rows[0])
     c = np.array([float(r["c"]) for r in rows])
     f_star = np.array([float(r["f_star"]) for r in rows])
     assert np.allclose(f_star, np.where(c <= 1, c - c ** 2 / 2, 0.5))
     assert main(["sweep", "extended", "--points", "3", "--steps", "200", "--init-std", "0.1", "1",
-                 "--out", str(tmp_path), "--quiet"]) == 0
-    assert len(read_csv(tmp_path / "sweep-extended.csv")) == 6
-    assert mpimg.imread(tmp_path / "sweep-extended.png").shape[0] > 200
+                 "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert len(read_csv(tmp_path / "e" / "sweep.csv")) == 6
+    assert mpimg.imread(tmp_path / "e" / "figure.png").shape[0] > 200
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

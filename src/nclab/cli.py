@@ -123,6 +123,10 @@ def _registrars():
     return (register_experiments, _register_measure, _register_theory, register_train)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _version():
     from nclab import __version__
 
@@ -138,7 +142,11 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (ValueError, TypeError) as exc:
-        print(f"nclab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"nclab {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused: a full disk, a permission, a vanished file
+        print(f"nclab {args.command}: error: {_one_line(exc)}; check the paths given and free space",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nclab {args.command}: interrupted", file=sys.stderr)

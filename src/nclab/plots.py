@@ -53,15 +53,21 @@ def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float
         ax.legend(fontsize=8)
 
 
-def save_figure(fig, stem: Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf atomically; returns the paths."""
+def save_figure(fig, stem, folder=None) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf atomically and close the figure; returns the paths.
+
+    ``folder``: a :class:`nclab.rundir.Folder` (``stem`` is then a name inside it), or None
+    (``stem`` is a path).
+    """
     paths = []
-    for ext in ("png", "pdf"):
-        path = Path(f"{stem}.{ext}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            name = f"{stem}.{ext}"
+            with (folder.atomic(name) if folder is not None else atomic_path(name)) as tmp:
+                fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+            paths.append(folder.path(name) if folder is not None else Path(name))
+    finally:
+        plt.close(fig)
     return paths
 
 

@@ -175,6 +175,10 @@ class RunDir:
             raise RunDirError(f"name: {str(rel)!r} would write outside {self.root}; use a plain relative name")
         return self.root / rel
 
+    def folder(self, prefix: str = "") -> "Folder":
+        """Where a part writes: ``prefix`` inside this folder ("" for the folder itself)."""
+        return Folder(self, prefix)
+
     # ------------------------------------------------------------------ parts
     def part(self, name: str) -> dict | None:
         """The record of part ``name`` ({"settings": ..., "complete": bool}) or None."""
@@ -257,21 +261,6 @@ class RunDir:
     def write_csv(self, rel, rows: list[dict], fieldnames: list[str] | None = None) -> Path:
         return self.write_text(rel, csv_text(rows, fieldnames))
 
-    def save_figure(self, fig, rel_stem, formats=("png", "pdf")) -> list[Path]:
-        """Save a matplotlib figure as ``rel_stem.<format>`` for each format; closes it."""
-        import matplotlib.pyplot as plt
-
-        paths = []
-        try:
-            for fmt in formats:
-                rel = f"{rel_stem}.{fmt}"
-                with self.atomic(rel) as tmp:
-                    fig.savefig(tmp, format=fmt, dpi=200 if fmt == "png" else None, bbox_inches="tight")
-                paths.append(self.path(rel))
-        finally:
-            plt.close(fig)
-        return paths
-
     # ------------------------------------------------------------------ internals
     def _make_parents(self, target: Path) -> None:
         missing = []
@@ -307,6 +296,7 @@ class RunDir:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, self.root / META / "manifest.json")
 
     def _remove_ours(self) -> None:
@@ -352,3 +342,38 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} → {b!r}")
     return out
+
+
+class Folder:
+    """A folder inside a :class:`RunDir` where one part writes: the same writing methods,
+    with names relative to ``prefix`` ("" is the run folder itself)."""
+
+    def __init__(self, rundir: RunDir, prefix: str = ""):
+        if prefix:
+            rundir.path(prefix)  # raises unless the prefix stays inside the run folder
+        self.rundir, self.prefix = rundir, prefix.strip("/")
+
+    def rel(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def path(self, name: str = "") -> Path:
+        return self.rundir.path(self.rel(name)) if name else self.rundir.root / self.prefix
+
+    def sub(self, name: str) -> "Folder":
+        return Folder(self.rundir, self.rel(name))
+
+    def atomic(self, name: str):
+        return self.rundir.atomic(self.rel(name))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.rundir.write_text(self.rel(name), text)
+
+    def write_json(self, name: str, obj) -> Path:
+        return self.rundir.write_json(self.rel(name), obj)
+
+    def write_csv(self, name: str, rows: list[dict], fieldnames: list[str] | None = None) -> Path:
+        return self.rundir.write_csv(self.rel(name), rows, fieldnames)
+
+    def keep(self) -> None:
+        """A result worth keeping was written here (e.g. a checkpoint): see :meth:`RunDir.keep`."""
+        self.rundir.keep()

@@ -1,31 +1,26 @@
-"""`nclab reproduce`, `nclab run`, `nclab sweep`: experiments from configs."""
+"""`nclab reproduce`, `nclab run`, `nclab sweep`: experiments from settings into run folders."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from nclab.experiments import config as C
-from nclab.experiments import report, runner, sweep
-from nclab.nets.experiment import NETWORK_EXPERIMENTS  # network figures: run only when named
+from nclab.experiments import registry
 
-QUICK_FACTOR = 20
+RUNS = Path("runs")
 
 
 def register(sub) -> None:
     p = sub.add_parser("reproduce", help="rerun the paper's experiments: figures, tables, report",
-                       description="Rerun the paper's UFM experiments (all of them when no NAME is "
-                       f"given: {', '.join(C.builtin_names())}) or the network ones "
-                       f"({', '.join(NETWORK_EXPERIMENTS)}, by name), and write DIR/report.md.")
-    p.add_argument("names", nargs="*", metavar="NAME")
+                       description="Rerun the paper's UFM experiments (all of them when no NAME is given) or "
+                       f"the network ones ({', '.join(registry.NETWORK)}, by name), and write DIR/report.md.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: every UFM one)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/reproduce-<date-time>)")
     p.add_argument("--iterations", type=int, help="GD iterations for every UFM experiment")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a fast smoke run: 1/{QUICK_FACTOR} of the iterations, tiny networks")
+                   help=f"a smoke run: 1/{registry.QUICK_FACTOR} of the iterations, tiny networks")
     p.add_argument("--data", help="folder with MNIST / CIFAR-10 for fig5 / fig10 (default: digits)")
-    p.add_argument("--resume", action="store_true", help="continue in --out, skipping finished experiments")
-    p.add_argument("--force", action="store_true", help="overwrite results already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_folder_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
     r = sub.add_parser("run", help="run any UFM of the family from a TOML config",
@@ -35,100 +30,125 @@ def register(sub) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set solver.steps=5000 --set model.lams=[0.01,0.01]")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<name>-<date-time>)")
-    r.add_argument("--force", action="store_true", help="overwrite results already in --out")
-    r.add_argument("--quiet", action="store_true")
+    _add_folder_options(r)
     r.set_defaults(func=_cmd_run)
 
+    from nclab.experiments.sweep import SWEEPS, SweepSettings
+
     s = sub.add_parser("sweep", help="phase diagrams: final objective and NC metrics against c",
-                       description=sweep.__doc__)
-    s.add_argument("kind", choices=sweep.SWEEPS)
-    s.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs)")
-    s.add_argument("--K", type=int, default=4)
-    s.add_argument("--n", type=int, default=50)
-    s.add_argument("--d", type=int, default=20)
-    s.add_argument("--points", type=int, default=25, help="grid points in c")
-    s.add_argument("--steps", type=int, help="GD iterations (default 20000 plain, 30000 extended)")
-    s.add_argument("--lr", type=float, default=0.1)
-    s.add_argument("--init-std", type=float, nargs="+", default=[0.01, 0.1, 0.5],
-                   help="initialisation scales (extended sweep)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--quiet", action="store_true")
+                       description="Phase diagrams of the plain (c = K√(nλ_Hλ_W)) or extended linear UFM "
+                       "(c₃): the whole λ grid solved in one batched run per initialisation scale, against "
+                       "the exact optimum.")
+    s.add_argument("kind", choices=SWEEPS)
+    s.add_argument("--out", type=Path, help="output folder (default: runs/sweep-<kind>-<date-time>)")
+    for name in ("K", "n", "d", "points", "steps", "lr", "seed", "device"):
+        kind = {"device": str, "lr": float}.get(name, int)
+        s.add_argument(f"--{name}", type=kind, help=SweepSettings.help(name))
+    s.add_argument("--init-std", dest="init_stds", type=float, nargs="+", help=SweepSettings.help("init_stds"))
+    _add_folder_options(s)
     s.set_defaults(func=_cmd_sweep)
 
 
-def _stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
+def _add_folder_options(p) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the nclab run in --out: finished parts are skipped, settings must match")
+    p.add_argument("--force", action="store_true",
+                   help="replace nclab's earlier results in --out (only files nclab wrote are removed)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _mode(args) -> str:
+    if args.resume and args.force:
+        raise ValueError("--resume, --force: choose one (continue the run, or replace it)")
+    return "resume" if args.resume else "force" if args.force else "new"
+
+
+def default_out(prefix: str) -> Path:
+    """runs/<prefix>-<date-time>, with -2, -3, ... when that name is taken."""
+    base = RUNS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
 
 
 def _cmd_reproduce(args) -> None:
-    names = args.names or C.builtin_names()
-    known = C.builtin_names() + list(NETWORK_EXPERIMENTS)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"NAME: unknown experiment(s) {unknown}; choose from {known}")
+    from nclab.rundir import RunDir
+
     if args.iterations is not None and args.iterations < 1:
-        raise ValueError(f"--iterations: must be positive, got {args.iterations}")
-    out = args.out or Path("runs") / f"reproduce-{_stamp()}"
-    if not args.resume:
-        runner.prepare_output(out, args.force)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    sections, start = [], time.perf_counter()
-    try:
-        for name in names:
-            sections.append(_reproduce_one(name, out, args))
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # nothing was written: leave no empty folder behind
-        raise
-    header = (f"# nclab reproduction report\n\nTirer & Bruna, *Extended Unconstrained Features Model for "
-              f"Exploring Deep Neural Collapse* (ICML 2022). Experiments: {', '.join(names)}. Theory: "
-              "THEORY.md §3 (f* is the exact global optimum; '—' where no closed form exists).\n")
-    path = report.write_report(out, sections, header)
-    if not args.quiet:
-        print(f"wrote {path} ({len(names)} experiments, {time.perf_counter() - start:.0f} s)")
+        raise ValueError(f"--iterations: must be a positive integer, got {args.iterations}")
+    opts = registry.Options(quick=args.quick, iterations=args.iterations, device=args.device, data=args.data)
+    chosen = registry.select(args.names, opts, {"iterations": args.iterations is not None, "data": bool(args.data)})
+    settings = {e.name: e.settings(opts) for e in chosen}  # every setting checked before anything runs
+    start, sections = time.perf_counter(), []
+    with RunDir(args.out or default_out("reproduce"), mode=_mode(args)) as rd:
+        for e in chosen:
+            summary = _run_part(rd, e, settings[e.name], args)
+            sections.append(e.section(summary, e.name, smoke=args.quick))
+        names = ", ".join(e.name for e in chosen)
+        header = (f"# nclab reproduction report\n\nTirer & Bruna, *Extended Unconstrained Features Model for "
+                  f"Exploring Deep Neural Collapse* (ICML 2022). Experiments: {names}. f* is the exact global "
+                  "optimum of the theory ('—' where no closed form exists)."
+                  + ("\n\n**Smoke run (--quick): every experiment ran a fraction of its iterations.**"
+                     if args.quick else "") + "\n")
+        path = rd.write_text("report.md", header + "\n" + "\n".join(sections))
+    _say(args, f"wrote {path} ({len(chosen)} experiments, {time.perf_counter() - start:.0f} s)")
 
 
-def _reproduce_one(name: str, out: Path, args) -> str:
-    if name in NETWORK_EXPERIMENTS:
-        from nclab.nets.experiment import report_markdown, run_network_experiment
-
-        summary = run_network_experiment(name, out / name, data=args.data, device=args.device,
-                                         quiet=args.quiet, quick=args.quick, resume=args.resume,
-                                         force=args.force)
-        return report_markdown(summary, name)
-    cfg = C.builtin(name)
-    steps = args.iterations or (max(cfg["solver"]["steps"] // QUICK_FACTOR, 100) if args.quick else None)
-    overrides = [f"solver.device={args.device!r}".replace("'", '"')]
-    if steps:
-        overrides.append(f"solver.steps={steps}")
-        overrides.append(f"solver.log_every={max(min(cfg['solver']['log_every'], steps // 50), 1)}")
-    cfg = C.apply_overrides(cfg, overrides)
-    summary = runner.load_summary(out / name) if args.resume else None
-    if summary is not None and (out / name / "config.toml").read_text() == C.dumps(cfg):
-        if not args.quiet:
-            print(f"{name}: finished earlier, skipped (--resume)")
-    else:
-        if not args.quiet:
-            print(f"{name}: {cfg['title']}", flush=True)
-        summary = runner.run_experiment(cfg, out / name, quiet=args.quiet)
-    return report.ufm_section(summary, name)
+def _run_part(rd, experiment, settings, args) -> dict:
+    """Run one experiment as a part of the run folder, or reuse it when complete (--resume)."""
+    folder = rd.folder(experiment.name)
+    if not rd.begin_part(experiment.name, experiment.settings_record(settings)):
+        summary = experiment.load_summary(folder)
+        if summary is not None:
+            _say(args, f"{experiment.name}: finished earlier with the same settings, skipped (--resume)")
+            return summary
+        _say(args, f"{experiment.name}: its summary.json is missing or unreadable; running it again")
+        rd.reopen_part(experiment.name)
+        rd.begin_part(experiment.name, experiment.settings_record(settings))
+    _say(args, f"{experiment.name}: {experiment.title}")
+    summary = experiment.run(settings, folder, quiet=args.quiet, resume=args.resume)
+    rd.complete_part(experiment.name)
+    return summary
 
 
 def _cmd_run(args) -> None:
-    cfg = C.apply_overrides(C.load(args.config), args.set)
-    out = args.out or Path("runs") / f"{cfg['name']}-{_stamp()}"
-    runner.prepare_output(out, args.force)
-    summary = runner.run_experiment(cfg, out, quiet=args.quiet)
-    if not args.quiet:
-        gap = summary["gap"]
-        print(f"wrote {out}: objective {summary['objective']:.10g}"
-              + (f", f* {summary['objective_optimal']:.10g}, gap {gap:.3e}" if gap is not None else ""))
+    from nclab.experiments import config as C
+    from nclab.experiments.runner import load_summary, run_experiment
+    from nclab.rundir import RunDir
+
+    run = C.apply_overrides(C.load(args.config), args.set)
+    with RunDir(args.out or default_out(run.name), mode=_mode(args)) as rd:
+        if rd.begin_part(run.name, run.to_dict()):
+            summary = run_experiment(run, rd.folder(), quiet=args.quiet)
+            rd.complete_part(run.name)
+        else:
+            summary = load_summary(rd.folder())
+            if summary is None:
+                raise ValueError(f"--resume: {rd.root}/summary.json is missing or unreadable; pass --force to "
+                                 "run again")
+            _say(args, f"{run.name}: finished earlier with the same settings, skipped (--resume)")
+    gap = summary["gap"]
+    _say(args, f"wrote {rd.root}: objective {summary['objective']:.10g}"
+         + (f", f* {summary['objective_optimal']:.10g}, gap {gap:.3e}" if gap is not None else ""))
 
 
 def _cmd_sweep(args) -> None:
-    path = sweep.run_sweep(args.kind, args.out, K=args.K, n=args.n, d=args.d, points=args.points,
-                           steps=args.steps, lr=args.lr, init_stds=tuple(args.init_std),
-                           device=args.device, quiet=args.quiet)
-    if not args.quiet:
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+    from nclab.experiments.sweep import SweepSettings, run_sweep
+    from nclab.rundir import RunDir
+
+    given = {k: getattr(args, k) for k in SweepSettings.field_names() if getattr(args, k, None) is not None}
+    settings = SweepSettings.from_dict(given | {"kind": args.kind})
+    with RunDir(args.out or default_out(f"sweep-{args.kind}"), mode=_mode(args)) as rd:
+        if rd.begin_part("sweep", settings.to_dict()):
+            run_sweep(settings, rd.folder(), quiet=args.quiet)
+            rd.complete_part("sweep")
+        else:
+            _say(args, "sweep: finished earlier with the same settings, skipped (--resume)")
+    _say(args, f"wrote {rd.root}/sweep.csv and {rd.root}/figure.png")

@@ -1,187 +1,151 @@
-"""Experiment configs: TOML files with a validated schema.
+"""A UFM experiment as typed settings: one TOML file, one frozen :class:`UFMRun`.
 
-A config has three tables (every key optional except model.K, model.n, model.dims,
-model.lams; defaults below)::
+A config has top-level strings and three tables; every key is optional except
+model.K, model.n, model.dims and model.lams (defaults: :class:`nclab.ufm.UFM`,
+:class:`nclab.ufm.GD`)::
 
-    name = "fig4"
+    name = "fig4"            # a plain name: it becomes a folder name
     title = "Extended UFM with ReLU (paper Fig. 4)"
+    description = "..."
     [model]      K, n, dims, lams (H1 first), activation, loss, bias, lam_b
-    [solver]     steps, lr, momentum, seed, restarts, init_std, dtype, device, backend, log_every
-    [expect]     frame = "of" | "etf"   (the geometry the theory predicts; NC2/NC3 panels)
+    [solver]     steps, lr, momentum, seed, restarts, init_std, dtype, device, backend, log_every, tol,
+                 threads, metrics
+    [expect]     frame = "of" | "etf"   (the geometry the theory predicts; default from the model)
 
-Validation names the offending key: an unknown key, a wrong type or a negative λ is a
-ValueError like ``config: solver.steps must be an integer, got 'many'``.
+Validation names the offending key: ``solver.steps: must be an integer, got 'many'``;
+an unknown key gets a close-match suggestion. ``UFMRun.from_dict(run.to_dict()) == run``.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nclab.io import read_toml, tomllib, toml_text
-from nclab.ufm.model import ACTIVATIONS, BIASES, LOSSES, UFM
+from nclab.io import read_toml, toml_text, tomllib
+from nclab.settings import SettingsError, valid_name
+from nclab.ufm import GD, UFM
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-_INT, _FLOAT, _STR = "integer", "number", "string"
-
-SCHEMA: dict[str, dict[str, tuple]] = {
-    "model": {
-        "K": (_INT, None), "n": ("integer or list of integers", None),
-        "dims": ("list of integers", None), "lams": ("list of numbers", None),
-        "activation": (_STR, "linear"), "loss": (_STR, "mse"), "bias": (_STR, "none"),
-        "lam_b": (_FLOAT, 0.0),
-    },
-    "solver": {
-        "steps": (_INT, 10_000), "lr": (_FLOAT, 0.1), "momentum": (_FLOAT, 0.0),
-        "seed": (_INT, 0), "restarts": (_INT, 1), "init_std": (_FLOAT, 0.1),
-        "dtype": (_STR, "float64"), "device": (_STR, "cpu"), "backend": (_STR, "auto"),
-        "log_every": (_INT, 100),
-    },
-    "expect": {"frame": (_STR, None)},
-}
-TOP_LEVEL = {"name": _STR, "title": _STR, "description": _STR}
-CHOICES = {
-    "model.activation": ACTIVATIONS, "model.loss": LOSSES, "model.bias": BIASES,
-    "solver.dtype": ("float64", "float32"), "solver.backend": ("auto", "numpy", "torch"),
-    "expect.frame": ("of", "etf"),
-}
+TOP_LEVEL = ("name", "title", "description")
+SECTIONS = ("model", "solver", "expect")
+FRAMES = ("of", "etf")
+#: the paper's UFM experiments, in report order
+PAPER_ORDER = ("ufm", "ufm-bias", "ufm-ce", "ufm-unregularized", "fig3", "fig4", "fig8", "fig9")
 
 
-def _type_ok(kind: str, value) -> bool:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_num = is_int or isinstance(value, float)
-    if kind == _INT:
-        return is_int
-    if kind == _FLOAT:
-        return is_num
-    if kind == _STR:
-        return isinstance(value, str)
-    if kind == "integer or list of integers":
-        return is_int or (isinstance(value, list) and all(_type_ok(_INT, v) for v in value))
-    if kind == "list of integers":
-        return isinstance(value, list) and bool(value) and all(_type_ok(_INT, v) for v in value)
-    if kind == "list of numbers":
-        return isinstance(value, list) and bool(value) and all(_type_ok(_FLOAT, v) for v in value)
-    raise AssertionError(kind)
+@dataclass(frozen=True)
+class UFMRun:
+    """Everything that defines one UFM experiment: what to solve and how."""
+
+    model: UFM
+    solver: GD = field(default_factory=GD)
+    name: str = "run"
+    title: str = ""
+    description: str = ""
+    frame: str | None = None  # [expect] frame; None: from the model
+
+    def __post_init__(self):
+        for key in TOP_LEVEL:
+            if not isinstance(getattr(self, key), str):
+                raise SettingsError(f"config: {key} must be a string, got {getattr(self, key)!r}")
+        problem = valid_name(self.name)
+        if problem:
+            raise SettingsError(f"config: name {problem}, got {self.name!r}")
+        if self.frame is not None and self.frame not in FRAMES:
+            raise SettingsError(f"config: expect.frame must be one of {', '.join(FRAMES)}, got {self.frame!r}")
+
+    @property
+    def expected_frame(self) -> str:
+        """"of" for the bias-free MSE models, "etf" with a bias or cross-entropy, unless set."""
+        if self.frame:
+            return self.frame
+        return "of" if self.model.loss == "mse" and self.model.bias == "none" else "etf"
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
+
+    def replace(self, **changes) -> "UFMRun":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in TOP_LEVEL if getattr(self, k)}
+        out |= {"model": self.model.to_dict(), "solver": self.solver.to_dict()}
+        if self.frame:
+            out["expect"] = {"frame": self.frame}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UFMRun":
+        for key in data:
+            if key not in TOP_LEVEL + SECTIONS:
+                close = difflib.get_close_matches(str(key), TOP_LEVEL + SECTIONS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(TOP_LEVEL + SECTIONS)}"
+                raise SettingsError(f"config: unknown key {key!r}{hint}")
+        if "model" not in data:
+            raise SettingsError("config: missing table [model] (K, n, dims, lams)")
+        for key in UFM.field_names()[:4]:
+            if key not in data["model"]:
+                raise SettingsError(f"config: missing required key model.{key}")
+        expect = data.get("expect", {})
+        if not isinstance(expect, dict) or set(expect) - {"frame"}:
+            raise SettingsError("config: [expect] may only hold frame = \"of\" or \"etf\"")
+        return cls(model=UFM.from_dict(data["model"]), solver=GD.from_dict(data.get("solver", {})),
+                   frame=expect.get("frame"), **{k: data[k] for k in TOP_LEVEL if k in data})
+
+    def dumps(self) -> str:
+        """TOML text (reads back equal through :func:`loads`)."""
+        return toml_text(self.to_dict())
 
 
-def validate(cfg: dict) -> dict:
-    """Check every key and type, fill defaults; returns a new dict. Raises ValueError."""
-    out = {}
-    for key, value in cfg.items():
-        if key in SCHEMA:
-            continue
-        if key not in TOP_LEVEL:
-            raise ValueError(f"config: unknown key {key!r} (known: {sorted(TOP_LEVEL) + sorted(SCHEMA)})")
-        if not isinstance(value, str):
-            raise ValueError(f"config: {key} must be a string, got {value!r}")
-        out[key] = value
-    out.setdefault("name", "run")
-    for section, keys in SCHEMA.items():
-        given = cfg.get(section, {})
-        if not isinstance(given, dict):
-            raise ValueError(f"config: [{section}] must be a table")
-        unknown = set(given) - set(keys)
-        if unknown:
-            raise ValueError(f"config: unknown key {section}.{sorted(unknown)[0]} (known: {sorted(keys)})")
-        out[section] = {}
-        for key, (kind, default) in keys.items():
-            if key not in given:
-                if default is None and section == "model":
-                    raise ValueError(f"config: missing required key {section}.{key}")
-                if default is not None:
-                    out[section][key] = default
-                continue
-            value = given[key]
-            if not _type_ok(kind, value):
-                raise ValueError(f"config: {section}.{key} must be a {kind}, got {value!r}")
-            if kind == _FLOAT:
-                value = float(value)
-            choices = CHOICES.get(f"{section}.{key}")
-            if choices and value not in choices:
-                raise ValueError(f"config: {section}.{key} must be one of {list(choices)}, got {value!r}")
-            out[section][key] = value
-    _check_ranges(out)
-    return out
-
-
-def _check_ranges(cfg):
-    m, s = cfg["model"], cfg["solver"]
-    for i, lam in enumerate(m["lams"]):
-        if lam < 0:
-            raise ValueError(f"config: model.lams[{i}] must be >= 0 (λ, H1 first), got {lam}")
-    for key in ("steps", "log_every", "restarts"):
-        if s[key] < (0 if key == "steps" else 1):
-            raise ValueError(f"config: solver.{key} must be positive, got {s[key]}")
-    if s["lr"] <= 0:
-        raise ValueError(f"config: solver.lr must be > 0, got {s['lr']}")
-    if not 0 <= s["momentum"] < 1:
-        raise ValueError(f"config: solver.momentum must be in [0, 1), got {s['momentum']}")
-    if s["init_std"] < 0:
-        raise ValueError(f"config: solver.init_std must be >= 0, got {s['init_std']}")
+def loads(text: str, source: str = "CONFIG") -> UFMRun:
     try:
-        model_from(cfg)
-    except ValueError as exc:
-        raise ValueError(f"config: model.{exc}") from None
+        return UFMRun.from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{source}: not valid TOML ({exc})") from None
 
 
-def model_from(cfg: dict) -> UFM:
-    """The UFM a (validated) config describes."""
-    m = cfg["model"]
-    n = m["n"] if isinstance(m["n"], int) else tuple(m["n"])
-    return UFM(m["K"], n, tuple(m["dims"]), tuple(m["lams"]), activation=m.get("activation", "linear"),
-               loss=m.get("loss", "mse"), bias=m.get("bias", "none"), lam_b=m.get("lam_b", 0.0))
+def load(path) -> UFMRun:
+    """Read and validate a TOML config; one-line ValueErrors for unreadable files and bad keys."""
+    return UFMRun.from_dict(read_toml(path, "CONFIG"))
 
 
-def expected_frame(cfg: dict) -> str:
-    """"of" for the bias-free MSE models, "etf" with a bias or cross-entropy, unless set."""
-    frame = cfg.get("expect", {}).get("frame")
-    if frame:
-        return frame
-    m = cfg["model"]
-    return "of" if m.get("loss", "mse") == "mse" and m.get("bias", "none") == "none" else "etf"
-
-
-def load(path) -> dict:
-    """Read and validate a TOML config; a one-line ValueError for unreadable files."""
-    return validate(read_toml(path, "CONFIG"))
-
-
-def builtin(name: str) -> dict:
+def builtin(name: str) -> UFMRun:
     """A named paper config shipped with nclab (see :func:`builtin_names`)."""
     path = CONFIG_DIR / f"{name}.toml"
     if not path.is_file():
-        raise ValueError(f"NAME: unknown experiment {name!r}; choose from {builtin_names()}")
+        close = difflib.get_close_matches(name, builtin_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"NAME: unknown experiment {name!r}{hint} (choose from {', '.join(builtin_names())})")
     return load(path)
 
 
 def builtin_names() -> list[str]:
-    order = ["ufm", "ufm-bias", "ufm-ce", "ufm-unregularized", "fig3", "fig4", "fig8", "fig9"]
     found = {p.stem for p in CONFIG_DIR.glob("*.toml")}
-    return [n for n in order if n in found] + sorted(found - set(order))
+    return [n for n in PAPER_ORDER if n in found] + sorted(found - set(PAPER_ORDER))
 
 
-def apply_overrides(cfg: dict, assignments: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (values in TOML syntax) and re-validate."""
-    cfg = copy.deepcopy(cfg)
+def apply_overrides(run: UFMRun, assignments: list[str]) -> UFMRun:
+    """Apply ``section.key=value`` strings (values in TOML syntax; a bare word is a string)."""
+    data = run.to_dict()
     for item in assignments or []:
         if "=" not in item:
             raise ValueError(f"--set: expected section.key=value, got {item!r}")
         dotted, text = item.split("=", 1)
         parts = dotted.strip().split(".")
-        if len(parts) == 1 and parts[0] in TOP_LEVEL:
-            cfg[parts[0]] = text
-            continue
-        if len(parts) != 2 or parts[0] not in SCHEMA:
-            raise ValueError(f"--set: {dotted!r} is not section.key with a section in {sorted(SCHEMA)}")
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
-            value = text  # a bare word: a string
-        cfg.setdefault(parts[0], {})[parts[1]] = value
-    return validate(cfg)
-
-
-def dumps(cfg: dict) -> str:
-    """TOML text of a config (round-trips through :func:`validate`)."""
-    return toml_text(cfg)
+            value = text
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            data[parts[0]] = text
+        elif len(parts) == 2 and parts[0] in SECTIONS:
+            data.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ValueError(f"--set: {dotted!r} is not section.key with a section in {', '.join(SECTIONS)} "
+                             f"(or one of {', '.join(TOP_LEVEL)})")
+    try:
+        return UFMRun.from_dict(data)
+    except SettingsError as exc:
+        raise ValueError(f"--set: {exc}") from None

@@ -1,52 +1,37 @@
-"""Run one UFM experiment from a config and write its folder.
+"""Run one UFM experiment from its settings and write its folder.
 
-``DIR/NAME/`` receives ``config.toml`` (everything needed to rerun), ``metrics.csv`` (one
-row per logged iteration), ``summary.json``, ``figure.png`` and ``figure.pdf``. The folder
-is assembled under a temporary name and renamed at the end: an interrupted run leaves
-no half-written folder behind.
+The folder (a :class:`nclab.rundir.Folder`) receives ``config.toml`` (everything needed to
+rerun), ``metrics.csv`` (one row per logged iteration), ``summary.json``, ``figure.png``
+and ``figure.pdf``, each written atomically; the run folder marks the part complete.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nclab import theory, ufm
-from nclab.experiments import config as C
-from nclab.io import write_csv, write_json, write_text
+from nclab.experiments.config import UFMRun
 from nclab.metrics import class_means_t
 from nclab.plots import save_figure, ufm_figure
+from nclab.rundir import Folder
 from nclab.ufm.solve import LEVEL_METRICS
 
 LEVEL_COLUMNS = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3") + LEVEL_METRICS[5:]
 
 
-def prepare_output(out_dir: Path, force: bool) -> None:
-    """Refuse to overwrite an earlier run silently."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise ValueError(f"--out: {out_dir} already holds results; choose another --out, "
-                             "pass --resume to skip finished experiments, or --force to overwrite")
-
-
-def run_experiment(cfg: dict, out_dir: Path, *, quiet: bool = False) -> dict:
-    """Solve the config's UFM by GD, write ``out_dir``; returns the summary dict."""
-    model, s = C.model_from(cfg), cfg["solver"]
-    seeds = list(range(s["seed"], s["seed"] + s["restarts"]))
-    result = ufm.solve(model, steps=s["steps"], lr=s["lr"], momentum=s["momentum"], seeds=seeds,
-                       init_std=s["init_std"], dtype=s["dtype"], device=s["device"],
-                       backend=s["backend"], log_every=s["log_every"],
-                       progress=None if quiet else _progress_printer(cfg["name"], s["steps"]))
-    frame = C.expected_frame(cfg)
+def run_experiment(run: UFMRun, folder: Folder, *, quiet: bool = False) -> dict:
+    """Solve the run's UFM by GD and write ``folder``; returns the summary dict."""
+    folder.write_text("config.toml", run.dumps())
+    result = ufm.solve(run.model, run.solver,
+                       progress=None if quiet else _progress_printer(run.name, run.solver.steps))
+    frame = run.expected_frame
     best = int(np.nanargmin(result.final("objective")))
     rows = _rows(result, best, frame)
-    summary = _summary(cfg, model, result, best, frame)
-    _write_folder(out_dir, cfg, rows, summary, frame)
+    summary = _summary(run, result, best, frame)
+    _write_outputs(folder, run, rows, summary, frame)
     return summary
 
 
@@ -66,8 +51,8 @@ def _rows(result, best, frame) -> list[dict]:
     return out
 
 
-def _summary(cfg, model, result, best, frame) -> dict:
-    f_star = result.f_star[best]
+def _summary(run: UFMRun, result, best, frame) -> dict:
+    model, f_star = run.model, result.f_star[best]
     obj = float(result.final("objective")[best])
     levels = {}
     for l in range(1, model.L + 1):
@@ -77,14 +62,14 @@ def _summary(cfg, model, result, best, frame) -> dict:
         levels[key]["nc3"] = _clean(result.final(f"{key}.nc3_{frame}")[best])
         levels[key]["mean_sq_norm"] = _mean_sq_norm(result, best, l)
     return {
-        "name": cfg["name"], "title": cfg.get("title", cfg["name"]), "model": model.describe(), "K": model.K,
+        "name": run.name, "title": run.display_title, "model": model.describe(), "K": model.K,
         "objective": obj, "objective_optimal": None if math.isnan(f_star) else float(f_star),
         "gap": None if math.isnan(f_star) else obj - float(f_star),
         "relative_gap": None if math.isnan(f_star) or f_star == 0 else (obj - float(f_star)) / float(f_star),
         "expected_frame": frame, "iterations": result.iterations, "seconds": round(result.seconds, 3),
         "best_restart": best, "restart_objectives": [float(v) for v in result.final("objective")],
         "levels": levels, "factor_sq_norms": {k: float(np.sum(v[best] ** 2)) for k, v in result.params.items()},
-        "theory": _theory(cfg, model),
+        "theory": _theory(model),
     }
 
 
@@ -95,7 +80,7 @@ def _mean_sq_norm(result, best, level) -> float:
     return float(means.square().sum(1).mean())
 
 
-def _theory(cfg, model) -> dict | None:
+def _theory(model) -> dict | None:
     """The predicted optimum when THEORY.md §3 gives one (MSE, no/free bias, balanced)."""
     if ufm.optimal_objective(model, strict=False) is None or not model.balanced or min(model.lams) <= 0:
         return None
@@ -114,28 +99,17 @@ def _clean(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _write_folder(out_dir: Path, cfg, rows, summary, frame) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write_text(tmp / "config.toml", C.dumps(cfg))
-        write_csv(tmp / "metrics.csv", rows)
-        write_json(tmp / "summary.json", summary)
-        history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-        restarts = cfg["solver"]["restarts"]
-        rel = summary["relative_gap"]
-        title = (f"{summary['title']}  |  final (f - f*)/f*: "
-                 + (f"{rel:.2e}" if rel is not None else "n/a (no closed form)" if summary["gap"] is None
-                    else f"n/a (f* = 0; f = {summary['objective']:.2e})")
-                 + (f"  |  best of {restarts} restarts" if restarts > 1 else ""))
-        levels = [f"H{l}" for l in range(1, C.model_from(cfg).L + 1)]
-        save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), tmp / "figure")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write_outputs(folder: Folder, run: UFMRun, rows, summary, frame) -> None:
+    folder.write_csv("metrics.csv", rows)
+    folder.write_json("summary.json", summary)
+    history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    rel = summary["relative_gap"]
+    title = (f"{summary['title']}  |  final (f - f*)/f*: "
+             + (f"{rel:.2e}" if rel is not None else "n/a (no closed form)" if summary["gap"] is None
+                else f"n/a (f* = 0; f = {summary['objective']:.2e})")
+             + (f"  |  best of {run.solver.restarts} restarts" if run.solver.restarts > 1 else ""))
+    levels = [f"H{l}" for l in range(1, run.model.L + 1)]
+    save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), "figure", folder)
 
 
 def _progress_printer(name: str, steps: int):
@@ -158,7 +132,11 @@ def _progress_printer(name: str, steps: int):
     return report
 
 
-def load_summary(out_dir: Path) -> dict | None:
-    """The summary.json of a finished experiment folder, or None."""
-    path = out_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def load_summary(folder: Folder, required: str = "levels") -> dict | None:
+    """The summary.json of a finished experiment folder (holding key ``required``), or None
+    when it is missing or unreadable."""
+    try:
+        summary = json.loads(folder.path("summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and required in summary else None

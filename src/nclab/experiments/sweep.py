@@ -8,45 +8,74 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nclab import theory, ufm
-from nclab.io import write_csv
 from nclab.metrics import class_means_t
 from nclab.plots import save_figure, sweep_figure
+from nclab.rundir import Folder
+from nclab.settings import PAPER, Settings, at_least, check_device, positive, setting
 
 SWEEPS = ("plain", "extended")
+#: GD iterations when ``steps`` is not given
+DEFAULT_STEPS = {"plain": 20_000, "extended": 30_000}
 
 
-def run_sweep(kind: str, out_dir: Path, *, K: int = 4, n: int = 50, d: int = 20, points: int = 25,
-              steps: int | None = None, lr: float = 0.1, init_stds=(0.01, 0.1, 0.5), seed: int = 0,
-              device: str = "cpu", quiet: bool = False) -> Path:
-    """Solve the grid, write ``out_dir/sweep-<kind>.{csv,png,pdf}``; returns the csv path."""
-    if kind not in SWEEPS:
-        raise ValueError(f"KIND: expected one of {SWEEPS}, got {kind!r}")
-    if points < 2:
-        raise ValueError(f"--points: need at least 2 grid points, got {points}")
-    m = 2 if kind == "plain" else 3
+@dataclass(frozen=True)
+class SweepSettings(Settings):
+    """One phase diagram: the model family, the grid in c, and how GD runs."""
+
+    _where = "sweep"
+
+    kind: str = setting(help="plain (c = K√(nλ_Hλ_W)) or extended (c₃, linear)", choices=SWEEPS)
+    K: int = setting(4, help="number of classes", check=at_least(2))
+    n: int = setting(50, help="samples per class", check=at_least(1))
+    d: int = setting(20, help="feature width (every layer)", check=at_least(1))
+    points: int = setting(25, help="grid points in c", check=at_least(2))
+    steps: int | None = setting(None, help="GD iterations (default 20000 plain, 30000 extended)",
+                                check=at_least(1))
+    lr: float = setting(PAPER["ufm_lr"], help="GD step size; lowered per initialisation scale where a check "
+                        "run shows it unstable", check=positive)
+    init_stds: tuple[float, ...] = setting((0.01, 0.1, 0.5), help="initialisation scales (extended sweep)",
+                                           check=at_least(0))
+    seed: int = setting(0, help="seed of the first problem", check=at_least(0))
+    device: str = setting("cpu", help="cpu, cuda or cuda:N", check=check_device)
+
+    @property
+    def m(self) -> int:
+        """Number of factors: 2 (plain) or 3 (extended)."""
+        return 2 if self.kind == "plain" else 3
+
+    @property
+    def gd_steps(self) -> int:
+        return self.steps or DEFAULT_STEPS[self.kind]
+
+
+def run_sweep(settings: SweepSettings, folder: Folder, *, quiet: bool = False) -> dict:
+    """Solve the grid, write ``sweep.csv``, ``figure.{png,pdf}`` and ``config.toml`` to ``folder``."""
+    from nclab.io import toml_text
+
+    folder.write_text("config.toml", toml_text(settings.to_dict()))
+    m, K, n, points, steps = settings.m, settings.K, settings.n, settings.points, settings.gd_steps
     c_crit = theory.c_crit(m)
     c_grid = np.linspace(0.04, 2.0 if m == 2 else 2.0 * c_crit, points)
     lam = c_grid / (K * n ** (1 / m))  # equal λs give c_m = K (n λ^m)^(1/m) = K n^(1/m) λ
-    stds = (0.1,) if m == 2 else tuple(init_stds)
-    model = ufm.UFM(K, n, (d,) * (m - 1), (1.0,) * m)
+    stds = (0.1,) if m == 2 else settings.init_stds
+    model = ufm.UFM(K, n, (settings.d,) * (m - 1), (1.0,) * m)
     lams = lam[:, None] * np.ones((1, m))  # (points, m)
-    steps = steps or (20_000 if m == 2 else 30_000)
     results = []
-    for j, s in enumerate(stds):  # one batched run per initialisation scale, each with a stable step
-        seeds = np.arange(points) + seed + j * points
-        step = min(lr, ufm.suggest_lr(model, seeds=seeds, lams=lams, init_std=s))
+    for j, s in enumerate(stds):  # one batched run per initialisation scale, each with a checked step
+        gd = ufm.GD(steps=steps, lr=settings.lr, seed=settings.seed + j * points, init_std=s,
+                    device=settings.device, log_every=steps)
+        gd = gd.replace(lr=ufm.suggest_lr(model, gd, lams=lams))
         if not quiet:
-            print(f"sweep {kind}: {points} problems, init std {s:g}, {steps} GD steps of {step:.3g}, "
+            print(f"sweep {settings.kind}: {points} problems, init std {s:g}, {steps} GD steps of {gd.lr:.3g}, "
                   "in one batched run", flush=True)
-        results.append(ufm.solve(model, steps=steps, lr=step, seeds=seeds, lams=lams, init_std=s,
-                                 device=device, log_every=steps, progress=not quiet))
-    return _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model)
+        results.append(ufm.solve(model, gd, lams=lams, progress=not quiet))
+    return _write(settings.kind, folder, results, c_grid, lam, stds, m, c_crit, model)
 
 
 def end_to_end_scale(result) -> np.ndarray:
@@ -57,19 +86,18 @@ def end_to_end_scale(result) -> np.ndarray:
     return np.trace(prod @ np.swapaxes(means.numpy(), 1, 2), axis1=1, axis2=2) / model.K
 
 
-def _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model):
+def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -> dict:
     last = f"H{model.L}"
     levels = [f"H{l}" for l in range(1, model.L + 1)]
     t_end = [end_to_end_scale(r) for r in results]
     rows = []
     for s, r, t in zip(stds, results, t_end):
         for i, c in enumerate(c_grid):
-            rows.append({"c": c, "lam": lam[i], "init_std": s, "lr": r.settings["lr"],
+            rows.append({"c": c, "lam": lam[i], "init_std": s, "lr": r.settings.lr,
                          "objective": r.final("objective")[i], "f_star": r.f_star[i], "gap": r.final("gap")[i],
                          "t": t[i], "t_star": theory.t_star(m, c),
                          **{f"{lv}.{k}": r.final(f"{lv}.{k}")[i] for lv in levels for k in ("nc1", "nc2_of", "nc2_etf")}})
-    csv_path = out_dir / f"sweep-{kind}.csv"
-    write_csv(csv_path, rows)
+    folder.write_csv("sweep.csv", rows)
     fine = np.linspace(c_grid[0], c_grid[-1], 600)
     t_fine = np.array([theory.t_star(m, c) for c in fine])
     f_fine = [theory.phi(m, c, t) if t > 0 else 0.5 for c, t in zip(fine, t_fine)]
@@ -85,5 +113,5 @@ def _write(kind, out_dir, results, c_grid, lam, stds, m, c_crit, model):
     x_label = "c = K√(nλ_Hλ_W)" if m == 2 else "c₃ = K(nλ_H1λ_W1λ_W2)^(1/3)"
     title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={model.K}, n={model.class_counts[0]}, "
              f"d={model.dims[0]}, equal λ, {results[0].iterations} GD steps (NC metrics are undefined where H = 0)")
-    save_figure(sweep_figure(c_grid, x_label, panels, c_crit, title), out_dir / f"sweep-{kind}")
-    return csv_path
+    save_figure(sweep_figure(c_grid, x_label, panels, c_crit, title), "figure", folder)
+    return {"kind": kind, "rows": len(rows), "lr": [r.settings.lr for r in results]}
