@@ -68,6 +68,7 @@ class RunDir:
         self.mode, self.option = mode, option
         self._lock_fd: int | None = None
         self._created_root = self._created_meta = False
+        self._new_ancestors: list[Path] = []
         self._created: list[tuple[str | None, str]] = []  # (part, file or folder/) this process created
         self._current: str | None = None  # the part being written
         self._new_parts: set[str] = set()  # parts first recorded by this process
@@ -86,6 +87,7 @@ class RunDir:
         """Check, create and lock the folder; clean a killed process's temporary files."""
         self._check_location()
         self._created_root = not self.root.exists()
+        self._new_ancestors = [p for p in self.root.parents if not p.exists()]  # e.g. runs/, removed if unused
         self._created_meta = not (self.root / META).exists()
         try:
             (self.root / META / "tmp").mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,8 @@ class RunDir:
             shutil.rmtree(self.root / META, ignore_errors=True)
             if self._created_root:
                 with contextlib.suppress(OSError):
-                    self.root.rmdir()  # only when empty: never a file of the user's
+                    for folder in [self.root, *self._new_ancestors]:
+                        folder.rmdir()  # only when empty: never a file of the user's
         os.close(self._lock_fd)
         self._lock_fd = None
 

@@ -105,7 +105,8 @@ def _verified_lr(model, settings: GD, lam_arr, P0) -> float | None:
     """The largest of 1/L, 1/(2L), ... (at most settings.lr / 2) that a check run shows stable."""
     prog = Program(model, lam_arr, NumpyOps, np.float64)
     P = {k: np.array(v, dtype=np.float64) for k, v in P0.items()}
-    est = smoothness_estimate(prog, P)
+    with np.errstate(all="ignore"):  # an estimate at an extreme point may overflow: it is advice only
+        est = smoothness_estimate(prog, P)
     lr = settings.lr / 2
     if np.isfinite(est).all() and est.max() > 0:
         lr = min(lr, float(1.0 / est.max()))

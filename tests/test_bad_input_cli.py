@@ -1,0 +1,200 @@
+"""Every error a user can cause is one line on stderr, exit code 2, no traceback, no file lost.
+
+Each case runs the real command in-process in a scratch folder that holds a file of the
+user's; afterwards the user's file is intact and nothing was left behind unless stated.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from nclab.cli import main
+from nclab.experiments import config as C
+
+UFM_TOML = (C.CONFIG_DIR / "ufm.toml").read_text()
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A working folder with a config and a file of the user's; returns its path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user.txt").write_text("the user's own notes")
+    (tmp_path / "ufm.toml").write_text(UFM_TOML.replace("steps = ", "steps = 200 # ").replace(
+        "log_every = ", "log_every = 100 # "))
+    return tmp_path
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails_cleanly(args, capsys, word):
+    """The command exits 2 with one stderr line naming ``word`` and no traceback."""
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and word in err, err
+    return err
+
+
+RUN_CASES = {
+    "diverging step": (["--set", "solver.lr=1000"], "lr"),
+    "huge λ": (["--set", "model.lams=[1e300, 1e300]"], "lr"),
+    "nan init": (["--set", "solver.init_std=nan"], "init_std"),
+    "string where a number belongs": (["--set", 'solver.lr="0.1"'], "solver.lr"),
+    "bool as a string": (["--set", 'solver.metrics="no"'], "solver.metrics"),
+    "name escaping runs/": (["--set", "name=../../x"], "name"),
+    "absolute name": (["--set", "name=/tmp/x"], "name"),
+    "device typo": (["--set", "solver.device=cdua"], "did you mean 'cuda'"),
+    "device gpu": (["--set", "solver.device=gpu"], "solver.device"),
+    "unknown key": (["--set", "solver.stpes=10"], "did you mean 'steps'"),
+    "bad --set": (["--set", "steps"], "--set"),
+    "resume and force": (["--resume", "--force"], "--resume, --force"),
+    "negative steps": (["--set", "solver.steps=-1"], "solver.steps"),
+}
+
+
+@pytest.mark.parametrize("extra, word", RUN_CASES.values(), ids=RUN_CASES.keys())
+def test_run_bad_settings(scratch, capsys, extra, word):
+    before = snapshot(scratch)
+    fails_cleanly(["run", "ufm.toml", *extra], capsys, word)
+    assert snapshot(scratch) == before and not (scratch / "runs").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_device_is_an_error(scratch, capsys):
+    fails_cleanly(["run", "ufm.toml", "--set", "solver.device=cuda"], capsys, "CUDA is not available")
+    fails_cleanly(["reproduce", "ufm", "--device", "cuda:0", "--out", "o"], capsys, "CUDA")
+    assert not (scratch / "o").exists()
+
+
+CONFIG_CASES = {
+    "missing": ("nope.toml", None, "does not exist"),
+    "empty": ("empty.toml", "", "missing table [model]"),
+    "not TOML": ("bad.toml", "[model\nK=4", "not valid TOML"),
+    "binary": ("bin.toml", "\x00\x01\x02", "not valid TOML"),
+    "string K": ("k.toml", "[model]\nK='4'\nn=5\ndims=[8]\nlams=[0.1,0.1]\n", "model.K"),
+}
+
+
+@pytest.mark.parametrize("name, text, word", CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
+def test_run_bad_config_files(scratch, capsys, name, text, word):
+    if text is not None:
+        (scratch / name).write_text(text)
+    before = snapshot(scratch)
+    fails_cleanly(["run", name], capsys, word)
+    assert snapshot(scratch) == before
+
+
+OUT_CASES = {
+    "a file": ("user.txt", "is a file, not a folder"),
+    "under a file": ("user.txt/sub", "is a file, so"),
+    "holding the user's files": (".", "already holds ufm.toml, user.txt"),
+}
+
+
+@pytest.mark.parametrize("out, word", OUT_CASES.values(), ids=OUT_CASES.keys())
+@pytest.mark.parametrize("command", [["run", "ufm.toml"], ["reproduce", "ufm", "--iterations", "50"],
+                                     ["sweep", "plain", "--points", "2", "--steps", "20"]])
+def test_bad_out_folders(scratch, capsys, command, out, word):
+    before = snapshot(scratch)
+    fails_cleanly([*command, "--out", out], capsys, word)
+    assert snapshot(scratch) == before and not (scratch / ".nclab").exists()
+
+
+def test_read_only_out_fails_before_computing(scratch, capsys, monkeypatch):
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr("nclab.ufm.solve", lambda *a, **k: pytest.fail("computed before checking --out"))
+    fails_cleanly(["reproduce", "ufm", "--out", "ro"], capsys, "cannot write to")
+
+
+def test_force_keeps_the_users_files(scratch, capsys):
+    out = scratch / "out"
+    assert main(["run", "ufm.toml", "--out", str(out), "--quiet"]) == 0
+    (out / "my-analysis.ipynb").write_text("{}")
+    fails_cleanly(["run", "ufm.toml", "--out", out], capsys, "--force")
+    assert main(["run", "ufm.toml", "--out", str(out), "--force", "--quiet"]) == 0
+    assert (out / "my-analysis.ipynb").read_text() == "{}" and (out / "summary.json").is_file()
+
+
+def test_users_file_with_an_output_name_is_never_overwritten(scratch, capsys):
+    out = scratch / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("mine")
+    fails_cleanly(["run", "ufm.toml", "--out", out, "--force"], capsys, "not written by nclab")
+    assert (out / "summary.json").read_text() == "mine"
+
+
+def test_second_process_on_the_same_folder_is_refused(scratch, capsys):
+    from nclab.rundir import RunDir
+
+    with RunDir(scratch / "busy"):  # another "process" holds the folder
+        fails_cleanly(["reproduce", "ufm", "--iterations", "50", "--out", scratch / "busy", "--resume"], capsys,
+                      "another nclab process")
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_resume_with_a_damaged_summary_runs_that_part_again(scratch, capsys, damage):
+    out = scratch / "r"
+    assert main(["reproduce", "ufm", "--iterations", "50", "--out", str(out), "--quiet"]) == 0
+    good = json.loads((out / "ufm" / "summary.json").read_text())
+    if damage == "missing":
+        (out / "ufm" / "summary.json").unlink()
+    else:
+        (out / "ufm" / "summary.json").write_text("{truncated")
+    assert main(["reproduce", "ufm", "--iterations", "50", "--out", str(out), "--resume"]) == 0
+    assert "running it again" in capsys.readouterr().out
+    again = json.loads((out / "ufm" / "summary.json").read_text())
+    assert again.pop("seconds") > 0 and again == {k: v for k, v in good.items() if k != "seconds"}
+
+
+REPRODUCE_CASES = {
+    "unknown name": (["fig33"], "did you mean 'fig3'"),
+    "--data for UFM": (["ufm", "--data", "somewhere"], "--data"),
+    "--data with no name": (["--data", "somewhere"], "--data"),
+    "--iterations for a network": (["fig5", "--iterations", "5"], "--iterations"),
+    "zero iterations": (["ufm", "--iterations", "0"], "--iterations"),
+}
+
+
+@pytest.mark.parametrize("args, word", REPRODUCE_CASES.values(), ids=REPRODUCE_CASES.keys())
+def test_reproduce_bad_options(scratch, capsys, args, word):
+    before = snapshot(scratch)
+    fails_cleanly(["reproduce", *args, "--out", "o"], capsys, word)
+    assert snapshot(scratch) == before and not (scratch / "o").exists()
+
+
+SWEEP_CASES = {
+    "one point": (["plain", "--points", "1"], "sweep.points"),
+    "one class": (["plain", "--K", "1"], "sweep.K"),
+    "negative scale": (["extended", "--init-std", "-1"], "sweep.init_stds"),
+    "device typo": (["plain", "--device", "gpu"], "sweep.device"),
+}
+
+
+@pytest.mark.parametrize("args, word", SWEEP_CASES.values(), ids=SWEEP_CASES.keys())
+def test_sweep_bad_options(scratch, capsys, args, word):
+    before = snapshot(scratch)
+    fails_cleanly(["sweep", *args, "--out", "o"], capsys, word)
+    assert snapshot(scratch) == before
+
+
+def test_sweep_with_a_too_large_step_lowers_it_to_a_checked_one(scratch, capsys):
+    out = scratch / "s"
+    assert main(["sweep", "extended", "--lr", "50", "--points", "3", "--steps", "400", "--init-std", "0.1",
+                 "--out", str(out), "--quiet"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert all(np.isfinite(float(r["objective"])) and float(r["lr"]) < 50 for r in rows)
+    fails_cleanly(["sweep", "extended", "--out", out], capsys, "already holds")
+    shutil.rmtree(out)
