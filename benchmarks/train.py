@@ -2,10 +2,11 @@
 
 Reference ("the usual way"): a torch DataLoader over CPU float32 tensors (shuffle,
 drop_last like ours, pin_memory and worker processes on CUDA), each batch copied to the device with
-``.to(device)``, float32 compute, default memory format. Ours: nclab.nets.train.Trainer
+``.to(device)``, float32 compute, default memory format. Ours: nclab.nets.loop.Trainer
 (data resident on the device, bf16 autocast and channels_last on CUDA). Same model
 (ResNet18, small stem), same MNIST-shaped synthetic data (N x 1 x 32 x 32, 10 classes),
-same SGD. Each loop runs one warm-up epoch, then ``--epochs`` timed epochs.
+same SGD (the paper's lr and weight decay in the loss's scaling, from TrainSettings). Each
+loop runs one warm-up epoch, then ``--epochs`` timed epochs.
 
 Also times the metric pass (all levels, ``--measure-per-class`` samples per class from
 train and test) and prints metric pass / epoch.
@@ -29,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nclab.nets.data import ImageData  # noqa: E402
 from nclab.nets.models import build_model  # noqa: E402
-from nclab.nets.train import TrainConfig, Trainer, sample_losses  # noqa: E402
+from nclab.nets.losses import sample_losses  # noqa: E402
+from nclab.nets.loop import Trainer  # noqa: E402
+from nclab.nets.settings import TrainSettings  # noqa: E402
 
 
 def synthetic(n: int, size: int, channels: int, K: int = 10, seed: int = 0) -> ImageData:
@@ -56,10 +59,18 @@ def reference_epoch(model, loader, opt, device, loss):
         opt.step()
 
 
+def settings(args, device) -> TrainSettings:
+    return TrainSettings(dataset="digits", width=args.width, bias=False, loss=args.loss, batch_size=args.batch_size,
+                         measure_per_class=args.measure_per_class, device=str(device),
+                         measure_batch_size=args.measure_batch_size)
+
+
 def time_reference(args, data, device) -> float:
+    cfg = settings(args, device)
     torch.manual_seed(0)
     model = build_model("resnet18", 10, data.input_shape, width=args.width, bias=False).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.sgd_lr, momentum=cfg.momentum,
+                          weight_decay=cfg.sgd_weight_decay)
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
                                          batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -78,9 +89,7 @@ def time_reference(args, data, device) -> float:
 
 
 def time_ours(args, data, device) -> tuple[float, float]:
-    cfg = TrainConfig(dataset="digits", width=args.width, bias=False, loss=args.loss, lr=0.01, weight_decay=5e-4,
-                      batch_size=args.batch_size, measure_per_class=args.measure_per_class, device=str(device),
-                      measure_batch_size=args.measure_batch_size)
+    cfg = settings(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp), quiet=True, data=data)
         tr.train_epoch(0)  # warm-up

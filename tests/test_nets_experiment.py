@@ -5,7 +5,7 @@ import pytest
 
 from nclab.cli import main
 from nclab.nets.experiment import experiment_configs, report_markdown, run_network_experiment
-from nclab.nets.train import read_metrics_csv
+from nclab.nets.measure import read_metrics_csv
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,9 @@ def test_experiment_configs():
     fig5 = experiment_configs("fig5", data="/d", epochs=7)
     assert fig5["ce_bias"].dataset == "mnist" and fig5["ce_bias"].epochs == 7
     # MSE in the UFM scaling with the torch.nn.MSELoss-equivalent step and decay (K = 10)
-    assert fig5["mse_nobias"].lr == pytest.approx(0.01) and fig5["mse_nobias"].weight_decay == pytest.approx(2.5e-3)
+    assert fig5["mse_nobias"].sgd_lr == pytest.approx(0.01)
+    assert fig5["mse_nobias"].sgd_weight_decay == pytest.approx(2.5e-3)
+    assert fig5["ce_bias"].sgd_lr == pytest.approx(0.05) and fig5["ce_bias"].sgd_weight_decay == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="name"):
         experiment_configs("fig6")
 

@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from nclab.nets.train import (GlobalBatchNorm, TrainConfig, Trainer, convert_batchnorm, read_metrics_csv,
-                              sample_losses, train, warn_budget)
+from nclab.nets.distributed import GlobalBatchNorm, convert_batchnorm
+from nclab.nets.losses import sample_losses
+from nclab.nets.loop import Trainer
+from nclab.nets.measure import read_metrics_csv, warn_budget
+from nclab.nets.settings import TrainSettings
+from nclab.nets.train import train
 
 TINY = dict(width=0.0625, epochs=3, per_class=12, batch_size=32, eval_every=2, measure_per_class=6,
             lr_step=2, lr=0.01, weight_decay=2.5e-3, threads=1)
@@ -43,8 +47,8 @@ def test_mse_step_equals_mse_torch_with_rescaled_lr_and_decay(tmp_path):
     """SGD on "mse" with (lr, wd) = SGD on "mse_torch" with (lr·K/2, wd·2/K): same weights."""
     K, lr, wd = 10, 0.01, 2.5e-3
     base = TINY | {"momentum": 0.9}
-    a = Trainer(TrainConfig(**(base | {"loss": "mse", "lr": lr, "weight_decay": wd})), tmp_path / "a", quiet=True)
-    b = Trainer(TrainConfig(**(base | {"loss": "mse_torch", "lr": lr * K / 2, "weight_decay": wd * 2 / K})),
+    a = Trainer(TrainSettings(**(base | {"loss": "mse", "lr": lr, "weight_decay": wd})), tmp_path / "a", quiet=True)
+    b = Trainer(TrainSettings(**(base | {"loss": "mse_torch", "lr": lr * K / 2, "weight_decay": wd * 2 / K})),
                 tmp_path / "b", quiet=True)
     start = {k: v.clone() for k, v in a.model.state_dict().items()}
     for epoch in (1, 2):  # 2 x 3 SGD steps
@@ -75,7 +79,7 @@ def test_global_batchnorm_global_path_equals_batchnorm(momentum):
 
 def test_mlp_incomplete_last_batch_is_dropped(tmp_path):
     """50 samples in batches of 7: the last batch of 1 would crash BatchNorm1d in training."""
-    cfg = TrainConfig(**(TINY | {"model": "mlp", "per_class": 5, "batch_size": 7, "epochs": 1,
+    cfg = TrainSettings(**(TINY | {"model": "mlp", "per_class": 5, "batch_size": 7, "epochs": 1,
                                  "measure_per_class": 3}))
     tr = Trainer(cfg, tmp_path, quiet=True)
     calls = []
@@ -86,10 +90,10 @@ def test_mlp_incomplete_last_batch_is_dropped(tmp_path):
 
 def test_config_checks():
     with pytest.raises(ValueError, match="stem"):
-        TrainConfig(model="mlp", stem="imagenet").validate()
+        TrainSettings(model="mlp", stem="imagenet")
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(batch_size=1).validate()
-    assert TrainConfig(data="rel/dir").validate().data == str(Path("rel/dir").absolute())
+        TrainSettings(batch_size=1)
+    assert TrainSettings(data="rel/dir").data == str(Path("rel/dir").absolute())
 
 
 def test_budget_warning_is_one_line(tmp_path, capsys):
@@ -105,7 +109,7 @@ def _rows(path):
 
 
 def test_same_seed_same_result_and_outputs(tmp_path):
-    cfg = TrainConfig(**TINY)
+    cfg = TrainSettings(**TINY)
     assert not torch.are_deterministic_algorithms_enabled()
     s1 = train(cfg, tmp_path / "a", quiet=True, figure=False)
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
@@ -120,34 +124,34 @@ def test_same_seed_same_result_and_outputs(tmp_path):
     assert {"loss", "objective", "accuracy"} <= set(s1["final"]["test"]["network"])
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "a", quiet=True)
-    forced = train(TrainConfig(**(TINY | {"epochs": 1})), tmp_path / "a", quiet=True, force=True, figure=False)
+    forced = train(TrainSettings(**(TINY | {"epochs": 1})), tmp_path / "a", quiet=True, force=True, figure=False)
     assert forced["final_epoch"] == 1 and max(r["epoch"] for r in _rows(tmp_path / "a" / "metrics.csv")) == 1
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    cfg = TrainConfig(**TINY)
+    cfg = TrainSettings(**TINY)
     full = train(cfg, tmp_path / "full", quiet=True, figure=False)
     part = train(cfg, tmp_path / "cut", quiet=True, stop_after=1, figure=False)
     assert part["epochs_done"] == 1 and not (tmp_path / "cut" / "summary.json").exists()
     resumed = train(cfg, tmp_path / "cut", quiet=True, resume=True, figure=False)
     assert _rows(tmp_path / "full" / "metrics.csv") == _rows(tmp_path / "cut" / "metrics.csv")
     assert resumed["final"] == full["final"]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = TrainConfig(**(TINY | {"lr": 0.02}))
+    other = TrainSettings(**(TINY | {"lr": 0.02}))
     with pytest.raises(ValueError, match="lr"):
         train(other, tmp_path / "cut", quiet=True, resume=True)
 
 
 def test_divergence_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="diverged"):
-        train(TrainConfig(**(TINY | {"lr": 1e6, "epochs": 1})), tmp_path / "x", quiet=True)
+        train(TrainSettings(**(TINY | {"lr": 1e6, "epochs": 1})), tmp_path / "x", quiet=True)
     for bad, word in (({"loss": "l1"}, "loss"), ({"epochs": 0}, "epochs"), ({"width": -1.0}, "width")):
         with pytest.raises(ValueError, match=word):
-            TrainConfig(**bad).validate()
+            TrainSettings(**bad)
     with pytest.raises(ValueError, match="unknown key"):
-        TrainConfig.from_dict({"epochz": 3})
+        TrainSettings.from_dict({"epochz": 3})
 
 
 def _free_port():

@@ -4,15 +4,20 @@
 * :mod:`nclab.nets.data`: ``load_data`` (digits offline; MNIST, CIFAR-10 from ``--data DIR``).
 * :mod:`nclab.nets.probe`: ``record_features`` (forward hooks on any nn.Module) and
   ``measure_layers`` (all levels' metrics in one streaming pass).
-* :mod:`nclab.nets.train`: ``TrainConfig``, ``train`` (MSE/CE, SGD, checkpoint/resume,
-  torch.distributed).
+* :mod:`nclab.nets.settings`: ``TrainSettings`` (frozen, checked settings of a run).
+* :mod:`nclab.nets.train`: ``train`` (MSE/CE, SGD, checkpoint/resume, torch.distributed),
+  built from :mod:`~nclab.nets.loop` (the training loop), :mod:`~nclab.nets.measure` (the
+  metric pass), :mod:`~nclab.nets.checkpoint` (safe checkpoints),
+  :mod:`~nclab.nets.distributed` (process group, global BatchNorm),
+  :mod:`~nclab.nets.losses` and :mod:`~nclab.nets.runfolder` (refuse / resume / force).
 * :mod:`nclab.nets.experiment`: ``run_network_experiment("fig5" | "fig10", out_dir)``,
   ``report_markdown``.
 * :mod:`nclab.nets.cli`: the ``nclab train`` command.
 """
 from nclab.nets.experiment import NETWORK_EXPERIMENTS, report_markdown, run_network_experiment
 from nclab.nets.probe import measure_layers, record_features
-from nclab.nets.train import TrainConfig, train
+from nclab.nets.settings import TrainSettings
+from nclab.nets.train import train
 
-__all__ = ["NETWORK_EXPERIMENTS", "TrainConfig", "measure_layers", "record_features", "report_markdown",
+__all__ = ["NETWORK_EXPERIMENTS", "TrainSettings", "measure_layers", "record_features", "report_markdown",
            "run_network_experiment", "train"]

@@ -1,48 +1,29 @@
 """``nclab train``: train a network and measure collapse layer by layer.
 
-Settings come from ``--config FILE`` (TOML: TrainConfig keys, or ``[runs.NAME]`` tables
+Settings come from ``--config FILE`` (TOML: TrainSettings keys, or ``[runs.NAME]`` tables
 as written by the network experiments), overridden by any flag given. Under
 ``torchrun --nproc-per-node P -m nclab train ...`` the run is data-parallel.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import typing
 
-from nclab.nets.train import TrainConfig
+from nclab.nets.settings import TrainSettings
 
-_HELP = {
-    "dataset": "digits (offline default), mnist or cifar10",
-    "data": "folder with MNIST/raw/ or cifar-10-batches-py/ (torchvision's layout; saved as an absolute path)",
-    "per_class": "train on a balanced subsample of n images per class",
-    "model": "resnet18 or mlp",
-    "stem": "resnet18 stem: small (3x3, stride 1) or imagenet (7x7 stride 2 + max-pool); not with --model mlp",
-    "width": "channel multiplier (1 = 64..512 channels)",
-    "bias": "classifier bias",
-    "loss": "mse (1/(2N)||F-Y||^2, the UFM scaling), mse_torch (torch.nn.MSELoss) or ce",
-    "epochs": "number of epochs",
-    "batch_size": "global batch size (split across torchrun processes)",
-    "lr": "SGD learning rate (default: 0.05 for ce/mse_torch, 0.01 = 0.05*2/K for mse: the same training)",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay wd, penalty wd/2 ||theta||^2 (default: 5e-4 for ce/mse_torch, "
-                    "2.5e-3 = 5e-4*K/2 for mse)",
-    "lr_step": "divide the lr by 1/lr_gamma every lr_step epochs",
-    "lr_gamma": "lr factor per step",
-    "eval_every": "measure collapse every this many epochs (and after the last)",
-    "measure_per_class": "images per class measured from the train and test sets (default: about 10%% of "
-                         "the training set)",
-    "measure_batch_size": "batch size of the metric pass",
-    "seed": "random seed",
-    "device": "cpu, cuda or cuda:N",
-    "bf16": "bf16 autocast on CUDA",
-    "channels_last": "channels_last memory format on CUDA",
-    "threads": "CPU threads (torch.set_num_threads); 1 is fastest for small models on a busy machine",
-}
+_KINDS = {int: int, float: float, str: str}
+
+
+def _flag_type(name: str):
+    """(kind, is_bool) of a settings field from its annotation (``X | None`` -> X)."""
+    hint = typing.get_type_hints(TrainSettings)[name]
+    options = [o for o in typing.get_args(hint) or (hint,) if o is not type(None)]
+    return options[0], options[0] is bool
 
 
 def register(sub) -> None:
-    """Add the ``train`` subcommand to an argparse subparsers object."""
+    """Add the ``train`` subcommand to an argparse subparsers object (one flag per TrainSettings field)."""
     p = sub.add_parser("train", help="train a network (ResNet18/MLP) and measure collapse per layer",
                        description=__doc__.splitlines()[0] + " Writes config.toml, metrics.csv, "
                        "summary.json, figure.png/.pdf and checkpoint.pt to --out.")
@@ -51,16 +32,14 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = "" if f.default is None else f" (default {f.default})"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=_HELP[f.name] + default)
-            continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
-        p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                       help=_HELP[f.name] + default)
+    for name in TrainSettings.field_names():
+        flag = "--" + name.replace("_", "-")
+        text = TrainSettings.help(name).replace("%", "%%")
+        kind, is_bool = _flag_type(name)
+        if is_bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=name, type=_KINDS[kind], default=None, metavar=name.upper(), help=text)
     p.set_defaults(func=_cmd_train)
 
 
@@ -68,10 +47,9 @@ def _cmd_train(args) -> None:
     from nclab.nets.experiment import runs_from_config, train_runs
     from nclab.nets.train import train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    experiment, runs = runs_from_config(args.config) if args.config else ("", {"": TrainConfig()})
-    runs = {k: TrainConfig.from_dict(c.to_dict() | overrides) for k, c in runs.items()}  # data made absolute
+    overrides = {name: getattr(args, name) for name in TrainSettings.field_names() if getattr(args, name) is not None}
+    experiment, runs = runs_from_config(args.config) if args.config else ("", {"": TrainSettings()})
+    runs = {k: TrainSettings.from_dict(c.to_dict() | overrides) for k, c in runs.items()}
     if list(runs) == [""]:
         summary = train(runs[""], args.out, resume=args.resume, force=args.force, quiet=args.quiet)
         _print_final(summary)
@@ -87,7 +65,7 @@ def _print_final(summary: dict) -> None:
     """Final metrics per split and level; NC3 against the run's frame (OF or ETF). Rank 0 only."""
     if "final" not in summary or "train" not in summary["final"] or os.environ.get("RANK", "0") != "0":
         return
-    from nclab.nets.train import nc3_frame
+    from nclab.nets.settings import nc3_frame
 
     fin, cfg = summary["final"], summary["config"]
     frame = nc3_frame(cfg["loss"], cfg.get("bias", False))

@@ -15,7 +15,7 @@ bias); fig10 = ``mse_nobias``. Hyper-parameters follow THEORY.md §5 (SGD moment
 batch 128, lr divided by 10 every 40 epochs, weight decay 5e-4). The MSE runs use the UFM
 scaling 1/(2N)‖F - Y‖² with lr 0.01 and weight decay 2.5e-3: exactly torch.nn.MSELoss
 with lr 0.05 and weight decay 5e-4 (K = 10; step × 2/K, decay × K/2, see
-:mod:`nclab.nets.train`), i.e. the UFM regularisation λ = K·wd/2 = 2.5e-3.
+:mod:`nclab.nets.losses`), i.e. the UFM regularisation λ = K·wd/2 = 2.5e-3.
 
 Without ``data`` the runs use scikit-learn's digits (8x8, offline) with a ResNet18 of
 width 1/4 for a few minutes on a CPU, and say so; with ``data`` (torchvision's folder
@@ -24,7 +24,7 @@ layout) they use MNIST (1x32x32, padded) or CIFAR-10 with the full-width ResNet1
 ``resume=True`` (continue every run from its checkpoint; the settings must match) or
 ``force=True`` (overwrite).
 
-NC3 is measured against the frame of each run's optimum (:func:`nclab.nets.train.nc3_frame`):
+NC3 is measured against the frame of each run's optimum (:func:`nclab.nets.settings.nc3_frame`):
 the orthogonal frame of the uncentred means for MSE without bias ("NC3 (OF)": nc3_of,
 nc3_duality_of), the simplex ETF of the centred means otherwise ("NC3 (ETF)": nc3_etf,
 nc3_duality_etf). NC2 is the centred means vs the simplex ETF (nc2_etf) in every row, as
@@ -37,64 +37,42 @@ import time
 from pathlib import Path
 
 from nclab.io import read_toml, toml_text, write_csv, write_json, write_text
-from nclab.nets.train import (CHECKPOINT, METRIC_COLUMNS, TrainConfig, check_resumable, clear_run, nc3_frame,
-                              read_metrics_csv, train)
+from nclab.nets.checkpoint import CHECKPOINT
+from nclab.nets.measure import METRIC_COLUMNS, read_metrics_csv
+from nclab.nets.runfolder import prepare_experiment
+from nclab.nets.settings import TrainSettings, nc3_frame
+from nclab.nets.train import train
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
-_MSE = dict(loss="mse", bias=False)  # lr 0.01, wd 2.5e-3: the paper's values in the UFM scaling
-_CE = dict(loss="ce", bias=True)      # lr 0.05, wd 5e-4
+_MSE = dict(loss="mse", bias=False)  # lr, wd: the paper's, in the UFM scaling (TrainSettings.sgd_lr)
+_CE = dict(loss="ce", bias=True)      # lr, wd: the paper's
 RUNS = {"fig5": {"mse_nobias": _MSE, "ce_bias": _CE}, "fig10": {"mse_nobias": _MSE}}
 TITLES = {"mse_nobias": "MSE, no bias", "ce_bias": "cross-entropy, bias"}
 DATASET = {"fig5": "mnist", "fig10": "cifar10"}
-COMBINED_FILES = ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf")
 TRAIN_MEASURED = "train (measured subsample, eval mode)"
 
 
 def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu", epochs: int | None = None,
-                       quick: bool = False) -> dict[str, TrainConfig]:
-    """The TrainConfig of every run of experiment ``name`` (see the module docstring)."""
+                       quick: bool = False) -> dict[str, TrainSettings]:
+    """The TrainSettings of every run of experiment ``name`` (see the module docstring)."""
     if name not in NETWORK_EXPERIMENTS:
         raise ValueError(f"name: expected one of {NETWORK_EXPERIMENTS}, got {name!r}")
     if data is None:
         base = dict(dataset="digits", width=0.25, epochs=150, lr_step=50, eval_every=3, measure_per_class=20,
                     threads=1)
-    else:
-        base = dict(dataset=DATASET[name], data=str(data), width=1.0, epochs=200, lr_step=40, eval_every=5,
-                    measure_per_class=100)
+    else:  # the full-width network and the paper's epochs and schedule: TrainSettings' defaults
+        base = dict(dataset=DATASET[name], data=str(data), eval_every=5, measure_per_class=100)
     if quick:
-        base |= dict(width=0.125, epochs=4, lr_step=40, eval_every=2, measure_per_class=10)
+        base.pop("lr_step", None)  # 4 epochs: no lr step
+        base |= dict(width=0.125, epochs=4, eval_every=2, measure_per_class=10)
         if data is not None:
             base["per_class"] = 50
     if epochs is not None:
         base["epochs"] = epochs
-    return {run: TrainConfig(**base, **hp, device=device).validate() for run, hp in RUNS[name].items()}
+    return {run: TrainSettings(**base, **hp, device=device) for run, hp in RUNS[name].items()}
 
 
-def holds_results(out_dir, runs) -> bool:
-    """Whether out_dir has combined outputs or a checkpoint of one of ``runs``."""
-    out = Path(out_dir)
-    return any((out / f).exists() for f in COMBINED_FILES) or any((out / r / CHECKPOINT).exists() for r in runs)
-
-
-def _prepare(runs: dict[str, TrainConfig], out: Path, resume: bool, force: bool) -> None:
-    """Check out_dir before anything is written: refuse, check resumability, or clear."""
-    if resume and force:
-        raise ValueError("resume: --resume and --force exclude each other")
-    if not holds_results(out, runs):
-        return
-    if not (resume or force):
-        raise ValueError(f"out_dir already holds results ({out}); pass --resume or --force")
-    if resume:
-        for run, cfg in runs.items():
-            check_resumable(cfg, out / run)
-        return
-    for f in COMBINED_FILES:
-        (out / f).unlink(missing_ok=True)
-    for run in runs:
-        clear_run(out / run)
-
-
-def train_runs(runs: dict[str, TrainConfig], out_dir, *, experiment: str = "custom", quiet: bool = False,
+def train_runs(runs: dict[str, TrainSettings], out_dir, *, experiment: str = "custom", quiet: bool = False,
                resume: bool = False, force: bool = False) -> dict:
     """Train each run into out_dir/NAME and write the combined outputs (module docstring).
 
@@ -102,7 +80,7 @@ def train_runs(runs: dict[str, TrainConfig], out_dir, *, experiment: str = "cust
     written only after the runs' settings are checked against their checkpoints.
     """
     out = Path(out_dir)
-    _prepare(runs, out, resume, force)
+    prepare_experiment(runs, out, resume=resume, force=force)
     t0 = time.perf_counter()
     write_text(out / "config.toml", toml_text({"experiment": experiment,
                                                "runs": {k: c.to_dict() for k, c in runs.items()}}))
@@ -148,16 +126,16 @@ def run_network_experiment(name: str, out_dir, *, data: str | None = None, devic
     return train_runs(runs, out_dir, experiment=name, quiet=quiet, resume=resume, force=force)
 
 
-def runs_from_config(path) -> tuple[str, dict[str, TrainConfig]]:
+def runs_from_config(path) -> tuple[str, dict[str, TrainSettings]]:
     """(experiment, runs) of a config file: ``[runs.NAME]`` tables, or one flat run."""
     raw = read_toml(path, "config")
     if "runs" in raw:
         extra = sorted(set(raw) - {"runs", "experiment"})
         if extra:
             raise ValueError(f"config: unknown top-level key(s) {extra} next to [runs]")
-        return raw.get("experiment", "custom"), {k: TrainConfig.from_dict(v, f"config [runs.{k}]")
+        return raw.get("experiment", "custom"), {k: TrainSettings.from_dict(v, f"config [runs.{k}]")
                                                   for k, v in raw["runs"].items()}
-    return "", {"": TrainConfig.from_dict(raw)}
+    return "", {"": TrainSettings.from_dict(raw)}
 
 
 def nc3_label(frame: str) -> str:
@@ -183,12 +161,13 @@ def report_markdown(summary: dict, rel_dir: str) -> str:
 
 
 def _run_section(run: str, s: dict) -> list[str]:
-    """Markdown lines of one run: settings, a per-level table of the final metrics, accuracy."""
+    """Markdown lines of one run: settings (lr and weight decay as SGD used them), the final metrics."""
     cfg, fin = s["config"], s["final"]
     frame = nc3_frame(cfg["loss"], cfg.get("bias", False))
-    lines = [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {cfg['lr']:g}, weight decay "
-             f"{cfg['weight_decay']:g}, width {cfg['width']:g}, {s['final_epoch']} epochs; metric pass / "
-             f"epoch = {s['metric_pass_over_epoch']:.3f})", "",
+    lr, wd = s.get("sgd_lr", cfg.get("lr")), s.get("sgd_weight_decay", cfg.get("weight_decay"))
+    lines = [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {lr:g}, weight decay {wd:g}, width "
+             f"{cfg['width']:g}, {s['final_epoch']} epochs; metric pass / epoch = "
+             f"{s['metric_pass_over_epoch']:.3f})", "",
              f"Final metrics of the measured training subsample (eval mode); {nc3_label(frame)} = "
              f"nc3_{frame} at the penultimate level (W acts there only).", "",
              f"| level | NC1 | NC2 (ETF) | {nc3_label(frame)} | NC4 |", "|---|---|---|---|---|"]

@@ -5,7 +5,7 @@ axis) and accuracy (right axis), measured in eval mode on the measured subsample
 training and test sets; (2) NC1 = (1/K)Tr(Σ_W Σ_B⁺), one line per feature level;
 (3) NC2 = distance of the centred class-mean Gram to the simplex ETF (nc2_etf, the
 paper's Fig 5 panel for every row), one line per level; (4) NC3 against the frame of the
-run's optimum (``nc3_frames``, see :func:`nclab.nets.train.nc3_frame`), penultimate level
+run's optimum (``nc3_frames``, see :func:`nclab.nets.settings.nc3_frame`), penultimate level
 only (W acts on the penultimate features; NC3 is undefined elsewhere):
 
 * "of" (MSE, no bias), labelled "NC3 (OF)": ‖W/‖W‖ − Mᵀ/‖M‖‖ (nc3_of, solid) and
