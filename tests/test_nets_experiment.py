@@ -24,6 +24,9 @@ def test_fig5_quick_outputs(fig5_quick):
     mse = summary["runs"]["mse_nobias"]["config"]
     assert mse["loss"] == "mse" and mse["bias"] is False
     assert summary["runs"]["ce_bias"]["config"]["bias"] is True
+    # lr / weight decay: None in the settings (the paper's), the values SGD used in the summary
+    assert "lr" not in mse and summary["runs"]["mse_nobias"]["sgd_lr"] == pytest.approx(0.01)
+    assert summary["runs"]["ce_bias"]["sgd_weight_decay"] == pytest.approx(5e-4)
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header == "run,epoch,split,layer,metric,value"
     md = report_markdown(summary, "fig5")

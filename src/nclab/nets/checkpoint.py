@@ -17,6 +17,7 @@ before the ``format`` key existed (with ``config`` for ``settings``) still load.
 from __future__ import annotations
 
 import numbers
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,7 +65,9 @@ def load(path, map_location="cpu") -> dict:
     """The checked contents of a checkpoint (keys as in the module docstring); ValueError if it is not one."""
     path = Path(path)
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. about a foreign pickle's protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, empty, not a torch file, or objects weights_only refuses
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise not_ours(path, f"{type(exc).__name__}: {first}" if first else type(exc).__name__) from None
