@@ -133,3 +133,13 @@ def test_resume_may_change_device_and_epochs_only(tmp_path, run):
     checkpoint.check_same_settings("x", ck, TrainSettings(**(TINY | {"lr": TrainSettings(**TINY).sgd_lr})))
     with pytest.raises(ValueError, match=r"different settings \(weight_decay, seed\)"):
         checkpoint.check_same_settings("x", ck, TrainSettings(**(TINY | {"seed": 1, "weight_decay": 0.1})))
+
+
+def test_checkpoint_written_before_the_format_key_still_resumes(tmp_path, run):
+    """Earlier checkpoints: no "format", the settings under "config"; plain data all the same."""
+    ck = torch.load(run / checkpoint.CHECKPOINT, weights_only=True)
+    old = {("config" if k == "settings" else k): v for k, v in ck.items() if k != "format"}
+    torch.save(old, tmp_path / checkpoint.CHECKPOINT)
+    loaded = checkpoint.load(tmp_path / checkpoint.CHECKPOINT)
+    assert loaded["settings"] == ck["settings"] and loaded["epoch"] == 1
+    checkpoint.check_resumable(TrainSettings(**TINY), tmp_path)

@@ -51,7 +51,7 @@ class TrainSettings(Settings):
 
     _where = "train"
 
-    dataset: str = setting("digits", help="data set: digits (offline, built in), mnist or cifar10",
+    dataset: str = setting("digits", help="data set (digits: scikit-learn's, offline, built in)",
                            choices=DATASETS)
     data: str | None = setting(None, help="folder with MNIST/raw/ or cifar-10-batches-py/ (torchvision's "
                                "layout; saved as an absolute path)")
@@ -62,8 +62,8 @@ class TrainSettings(Settings):
                         "max-pool); resnet18 only", choices=STEMS)
     width: float = setting(1.0, help="channel multiplier (1 = 64..512 channels)", check=positive)
     bias: bool = setting(False, help="classifier bias")
-    loss: str = setting("mse", help="mse (1/(2N)||F-Y||^2, the UFM scaling), mse_torch (torch.nn.MSELoss) "
-                        "or ce (cross-entropy)", choices=LOSSES)
+    loss: str = setting("mse", help="mse = 1/(2N)||F-Y||^2 (the UFM scaling), mse_torch = torch.nn.MSELoss, "
+                        "ce = cross-entropy", choices=LOSSES)
     epochs: int = setting(PAPER["net_epochs"], help="number of epochs", check=at_least(1))
     batch_size: int = setting(PAPER["net_batch_size"], help="global batch size (split across torchrun "
                               "processes)", check=_batch_size)
