@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from nclab import measure
-from nclab.metrics import nc2_weights
+from nclab import ClassStats, _validate, measure
+from nclab.metrics import nc1, nc2_weights
 
 finite = st.floats(-1e3, 1e3, allow_nan=False)
 
@@ -84,3 +84,65 @@ def test_torch_inputs_validated_too():
     H, y, W = _good()
     with pytest.raises(TypeError, match="labels"):
         measure(torch.tensor(H), torch.tensor(y, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------- rtol, K <= N, memory
+BAD_RTOL = [2, 1, 1.0, 0, 0.0, -1e-10, 1e-20, math.nan, math.inf, -math.inf, "1e-10", True, None]
+
+
+@pytest.mark.parametrize("rtol", BAD_RTOL)
+@pytest.mark.parametrize("where", ["measure", "nc1", "ClassStats.metrics"])
+def test_rtol_must_lie_between_eps_and_one(rtol, where):
+    H, y, W = _good()
+    call = {"measure": lambda: measure(H, y, W, rtol=rtol),
+            "nc1": lambda: nc1(H, y, rtol=rtol),
+            "ClassStats.metrics": lambda: ClassStats(3, 4).update(H, y).metrics(W, rtol=rtol)}[where]
+    with pytest.raises((ValueError, TypeError)) as exc:
+        call()
+    assert str(exc.value).startswith("rtol: ") and len(str(exc.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("rtol", [1e-15, 1e-10, 1e-3, 0.5])
+def test_rtol_in_range_is_used(rtol):
+    H, y, W = _good()
+    assert measure(H, y, W, rtol=rtol)["nc1"] == pytest.approx(ClassStats(3, 4).update(H, y).metrics(rtol=rtol)["nc1"])
+
+
+def _no_big_bincount(monkeypatch, limit):
+    """Make torch.bincount fail loudly if asked for more than ``limit`` counts."""
+    real = torch.bincount
+
+    def bincount(x, weights=None, minlength=0):
+        assert minlength <= limit, f"bincount(minlength={minlength}) allocated before the check"
+        return real(x, weights, minlength)
+
+    monkeypatch.setattr(torch, "bincount", bincount)
+
+
+@pytest.mark.parametrize("labels, num_classes, match", [
+    ([0, 1, 2_000_000_000], None, r"^labels: the largest label 2000000000 means K = 2000000001 classes"),
+    ([0, 1, 3], None, r"^labels: the largest label 3 .* only N = 3 samples"),
+    ([0, 1, 1], 2_000_000_000, r"^num_classes: 2000000000 classes need at least"),
+    ([0, 1, 1], 4, r"^num_classes: 4 classes need at least 4 samples"),
+    ([0, 1, 1], True, r"^num_classes: expected a positive integer"),
+    ([0, 1, 1], 2.0, r"^num_classes: expected a positive integer"),
+    ([0, 1, -2_000_000_000], None, r"^labels: values must lie in"),
+])
+def test_k_above_n_is_rejected_before_allocating(monkeypatch, labels, num_classes, match):
+    _no_big_bincount(monkeypatch, 3)
+    with pytest.raises(ValueError, match=match):
+        measure(np.ones((3, 2)), np.array(labels), num_classes=num_classes)
+
+
+def test_k_work_that_cannot_fit_is_rejected_with_an_estimate(monkeypatch):
+    monkeypatch.setattr(_validate, "total_memory", lambda device=None: 2**20)
+    K = 200  # 30 K² float64 = 9.2 MiB > 1 MiB
+    with pytest.raises(ValueError, match=r"^labels: K = 200 classes .* need about 0.0\d+ GiB .* 0.000977 GiB"):
+        measure(np.random.default_rng(0).standard_normal((K, 2)), np.arange(K))
+    with pytest.raises(ValueError, match="^labels: K = 200"):
+        nc2_weights(np.ones((K, 2)))
+
+
+def test_features_without_columns():
+    with pytest.raises(ValueError, match="^features: has 0 columns"):
+        measure(np.zeros((3, 0)), np.array([0, 1, 1]))

@@ -340,3 +340,80 @@ def test_fast_nc4_rule_on_integer_data_full_of_ties(K, d, n, seed, dtype, with_b
         assert torch.equal(choice[clear], scores.argmax(-1)[clear])
         picked = scores.gather(1, choice[:, None])[:, 0]
         assert torch.all(picked >= top[:, 0] - 1e-9 * (1 + top.abs().max()))  # a best class
+
+
+# ----------------------------------------------------------------- extreme magnitudes
+def _scaled_problem(seed=11, K=5, d=16):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(K), 7)
+    H = rng.standard_normal((len(y), d)) + 2 * rng.standard_normal((K, d))[y]
+    return H, y, rng.standard_normal((K, d)), 0.3 * rng.standard_normal(K)
+
+
+SCALES = [1e200, 1e-300, 1e300, 1e-200, 2.0**70, 2.0**-70, 1e-310]
+
+
+@pytest.mark.parametrize("scale, w_scale", [(a, 1.0) for a in SCALES] + [
+    (1e200, 1e-250), (1e-300, 1e250), (1e-300, 1e-5), (1.0, 1e250), (1.0, 1e-250), (1e100, 1e100)])
+def test_extreme_feature_and_weight_magnitudes_give_the_unscaled_metrics(scale, w_scale):
+    """Every metric is invariant to h -> a h, W -> c W, b -> a c b: powers of two rescale
+    the extreme inputs (eigh would not converge at 1e200, squares underflow at 1e-300)."""
+    H, y, W, b = _scaled_problem()
+    base = measure(H, y, W, b)
+    got = measure(H * scale, y, W * w_scale, b * scale * w_scale)
+    rel = 1e-7 if scale < 2.2e-308 else 1e-12  # subnormal inputs keep only ~10 digits
+    for k in base:
+        assert got[k] == pytest.approx(base[k], rel=rel), k
+    assert measure(H * scale, y, preset="zhu2021", rtol=1e-8)["nc1"] == pytest.approx(base["nc1"], rel=rel)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-300])
+def test_extreme_magnitudes_in_the_other_public_functions(scale):
+    H, y, W, _ = _scaled_problem()
+    assert M.nc2(H * scale, y) == pytest.approx(M.nc2(H, y), rel=1e-12)
+    assert M.nc2(H * scale, y, frame="of") == pytest.approx(M.nc2(H, y, frame="of"), rel=1e-12)
+    assert M.nc2_weights(W * scale) == pytest.approx(M.nc2_weights(W), rel=1e-12)
+    means = M.class_means(H * scale, y)
+    assert torch.allclose(means / scale, M.class_means(H, y), rtol=1e-12, atol=0)
+
+
+def test_class_means_whose_sums_overflow():
+    """Sums of 1e307s overflow float64; the means are summed at a smaller power of two."""
+    H = np.array([[1.5e307, -1e307], [1.7e307, 1e307], [-1e307, 0.0], [-1.2e307, 1.0]])
+    y = np.array([0, 0, 1, 1])
+    got = M.class_means(H, y).numpy()
+    np.testing.assert_allclose(got / 1e307, [[1.6, 0.0], [-1.1, 0.5e-307]], rtol=1e-15)
+    assert measure(H, y)["nc1_trace"] == pytest.approx(measure(H / 1e307, y)["nc1_trace"], rel=1e-12)
+
+
+def test_ordinary_magnitudes_are_not_copied_or_rescaled():
+    H = torch.randn(20, 3, dtype=torch.float64)
+    W = torch.randn(4, 3, dtype=torch.float64)
+    assert M.power_of_two_exponent(float(H.abs().max())) == 0
+    H2, W2, b2 = M.rescaled(H, W, None)
+    assert H2 is H and W2 is W and b2 is None
+    assert M.power_of_two_exponent(3e200) == math.frexp(3e200)[1]
+    tiny = torch.tensor([1e-310], dtype=torch.float64)  # subnormal: 2^1100 alone is not a float64
+    assert M.times_power_of_two(tiny, 1100).item() == math.ldexp(1e-310, 1100)
+
+
+def test_bias_that_overflows_once_rescaled_is_named():
+    H, y, W, b = _scaled_problem()
+    with pytest.raises(ValueError, match="^bias: .*scale weights and bias together"):
+        measure(H * 1e-300, y, W, b * 1e10)
+
+
+def test_chunks_are_sized_for_k_wide_products():
+    """With K > d the per-chunk (rows, K) products set the chunk size, not the rows."""
+    assert len(M._row_chunks((100_000, 4))) == 1
+    assert len(M._row_chunks((100_000, 4), width=50_000)) == 100_000 // (M.CHUNK_BYTES // (8 * 50_000))
+
+
+def test_cdnv_kernel_equals_pairwise_differences():
+    rng = np.random.default_rng(3)
+    means = torch.as_tensor(rng.standard_normal((2, 7, 5)) + 1e6)  # a large common offset
+    var = torch.as_tensor(rng.random((2, 7)))
+    i, j = np.triu_indices(7, 1)
+    dist2 = ((means[:, i] - means[:, j]) ** 2).sum(-1)
+    want = ((var[:, i] + var[:, j]) / (2 * dist2)).mean(-1)
+    torch.testing.assert_close(M.cdnv_t(var, means), want, rtol=1e-14, atol=0)

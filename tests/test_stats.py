@@ -134,3 +134,95 @@ def test_all_reduce_two_processes_gloo():
         for k, v in metrics.items():
             assert v == pytest.approx(ref[k], rel=1e-10), k
     assert results[0] == results[1]
+
+
+# ----------------------------------------------------------------- extreme inputs
+@pytest.mark.parametrize("scale", [2.0**300, 2.0**-300, 1e100, 1e-100, 1e110])
+def test_streaming_metrics_are_scale_invariant_within_float64_moments(scale):
+    """Within MOMENT_EXP the moments fit float64; the readout rescales the means so the
+    squared Grams of the frame distances fit too."""
+    H, y, W = _data(seed=6)
+    ref = _stream(H, y, 6, 50).metrics(W)
+    got = _stream(H * scale, y, 6, 50).metrics(W * 1e200)
+    for k, v in got.items():
+        assert v == pytest.approx(ref[k], rel=1e-12), k
+
+
+@pytest.mark.parametrize("scale, word", [(1e200, "large"), (1e160, "large"), (1e-300, "small"),
+                                         (1e-150, "small")])
+def test_squares_outside_float64_are_a_clear_error(scale, word):
+    H, y, _ = _data(seed=7)
+    s = ClassStats(6, H.shape[1])
+    with pytest.raises(ValueError, match=rf"^features: entries up to .* too {word} for ClassStats.*2\.0\*\*-?\d+"):
+        s.update(H * scale, y)
+    assert s.total == 0  # nothing was merged
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e-37])
+def test_float32_features_always_fit_the_float64_moments(scale):
+    H, y, W = _data(seed=7)
+    ref = _stream(H.astype(np.float32).astype(np.float64), y, 6, 40).metrics(W)
+    got = _stream((H * scale).astype(np.float32), y, 6, 40).metrics(W)
+    for k, v in got.items():
+        assert v == pytest.approx(ref[k], rel=1e-5), k
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-300, 1e300])
+def test_nc4_counter_handles_extreme_magnitudes(scale):
+    H, y, W = _data(seed=8)
+    b = np.linspace(-1, 1, 6)
+    means = _stream(H, y, 6, 64).means
+    want = NC4Counter(means, W, b).update(H).value
+    assert NC4Counter(means * scale, W, b * scale).update(H * scale).value == want
+    w_scale = 1e-250 if scale > 1 else 1e250
+    assert NC4Counter(means * scale, W * w_scale, b * scale * w_scale).update(H * scale).value == want
+    assert want == pytest.approx(measure(H, y, W, b)["nc4"], abs=1e-15)
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((10**9, 10**5), {}, r"^num_classes: ClassStats\(num_classes=1000000000, dim=100000, full=True\) "
+                         r"would need about .* GiB of memory, more than"),
+    ((10**12, 10), dict(full=False), r"^num_classes: .* GiB"),
+    ((2, 10**7), {}, r"^num_classes: .* GiB"),
+    ((2.5, 3), {}, r"^num_classes: need an integer"),
+    ((True, 3), {}, r"^num_classes: need an integer"),
+    ((1, 3), {}, r"^num_classes: need an integer number of classes >= 2"),
+    ((3, 0), {}, r"^dim: expected a positive integer"),
+    ((3, 4.0), {}, r"^dim: expected a positive integer"),
+])
+def test_bad_or_huge_constructor_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassStats(*args, **kwargs)
+
+
+def test_memory_estimate_formula():
+    assert ClassStats.memory_bytes(10, 4, full=False) == 8 * 4 * (10 * 4 + 20)
+    assert ClassStats.memory_bytes(10, 4) == 8 * 4 * (10 * 4 + 20 + 16)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (np.array([0.0, 1.0]), "labels: expected integer"),
+    (np.array([True, False]), "labels: expected integer"),
+    (np.array([0, 1, 2]), "labels: expected integer shape"),
+])
+def test_bad_labels_in_updates(labels, match):
+    with pytest.raises(ValueError, match=match):
+        ClassStats(3, 4).update(np.ones((2, 4)), labels)
+
+
+@pytest.mark.parametrize("rtol", [0, 2, float("nan"), 1e-30])
+def test_bad_rtol_in_metrics(rtol):
+    H, y, W = _data(seed=9)
+    with pytest.raises(ValueError, match="^rtol: "):
+        _stream(H, y, 6, 100).metrics(W, rtol=rtol)
+
+
+def test_nc4_counter_and_merge_reject_mismatched_inputs():
+    H, y, W = _data(seed=10)
+    c = NC4Counter(_stream(H, y, 6, 64).means, W)
+    with pytest.raises(ValueError, match=r"^features: expected 12 columns"):
+        c.update(H[:, :5])
+    with pytest.raises(ValueError, match="^features: contains NaN"):
+        c.update(np.full((2, 12), np.nan))
+    with pytest.raises(TypeError, match="^other: expected a ClassStats"):
+        ClassStats(6, 12).merge({"counts": 1})

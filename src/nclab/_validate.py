@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 import torch
 
 Array = "np.ndarray | torch.Tensor"
+
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 class DegenerateError(ValueError):
@@ -74,6 +77,54 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def max_abs(t: torch.Tensor) -> float:
+    """max_i |t_i| as a float (NaN when an entry is NaN, 0 for an empty tensor).
+
+    One pass, no temporary: ``aminmax`` costs about what ``t.sum()`` does.
+    """
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(-lo, hi))
+
+
+def check_rtol(rtol) -> float:
+    """The relative eigenvalue cut-off as a float with eps <= rtol < 1, else a clear error.
+
+    Below float64's eps (2.2e-16) a cut-off cannot tell a zero eigenvalue of the K x K
+    Gram from its rounding error (~K·eps·max λ), so NC1 would count noise.
+    """
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real):
+        raise TypeError(f"rtol: expected a real number, got {type(rtol).__name__}; the default is 1e-10")
+    if not EPS64 <= rtol < 1:  # NaN fails too
+        raise ValueError(f"rtol: the relative eigenvalue cut-off must satisfy {EPS64:.3g} (float64 eps) "
+                         f"<= rtol < 1, got {rtol!r}; the default is 1e-10")
+    return float(rtol)
+
+
+def total_memory(device=None) -> int:
+    """Bytes of memory of ``device``: the GPU's, or this machine's RAM (1 TiB if unknown)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return 1 << 40
+
+
+def check_fits(nbytes: int, name: str, what: str, device=None) -> None:
+    """Raise ValueError naming ``name`` when ``nbytes`` exceed the memory of ``device``."""
+    have = total_memory(device)
+    if nbytes > have:
+        raise ValueError(f"{name}: {what} need about {_gib(nbytes)} of memory, more than the "
+                         f"{_gib(have)} this machine has; use fewer classes or a smaller dimension")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
 def as_float64(x, name: str, *, ndim: int | tuple[int, ...], device=None) -> torch.Tensor:
     """Like :func:`as_real`, converted to float64."""
     return as_real(x, name, ndim=ndim, device=device).to(torch.float64)
@@ -98,12 +149,22 @@ def as_labels(labels, n: int, *, num_classes: int | None = None, device=None) ->
         raise ValueError("features: no samples")
     y = y.long()
     lo, hi = int(y.min()), int(y.max())
-    if num_classes is None:
-        num_classes = hi + 1
-    elif not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                    or num_classes < 1):
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels: values must lie in 0..{num_classes - 1}, found range {lo}..{hi}")
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        K = hi + 1 if num_classes is None else num_classes
+        raise ValueError(f"labels: values must lie in 0..{K - 1}, found range {lo}..{hi}")
+    # every class needs a sample, so K <= N: checked before bincount allocates K counts
+    if num_classes is None and hi >= n:
+        raise ValueError(
+            f"labels: the largest label {hi} means K = {hi + 1} classes, but there are only "
+            f"N = {n} samples and every class needs one; relabel to 0..K-1 without gaps "
+            "(e.g. np.unique(labels, return_inverse=True)[1])")
+    if num_classes is not None and num_classes > n:
+        raise ValueError(f"num_classes: {num_classes} classes need at least {num_classes} samples "
+                         f"(every class must occur), but there are N = {n}")
+    num_classes = hi + 1 if num_classes is None else int(num_classes)
     if num_classes < 2:
         raise ValueError("labels: need at least 2 classes to measure collapse")
     counts = torch.bincount(y, minlength=num_classes)

@@ -48,6 +48,12 @@ than the bound gets the answer of exact arithmetic, the others are recomputed in
 the plain way (see ``_NC4Rule``). So NC4 equals the plain float64 count wherever float64
 itself can tell the two best classes apart.
 
+Scale: every metric is invariant to h → a·h (with b → a·b) and to W → c·W (with b → c·b).
+Float64 features or weights whose largest entry lies outside [2^-64, 2^64] are first
+multiplied by an exact power of two that brings it into [1/2, 1) (:func:`rescaled`), so
+features of 1e200 or 1e-300 give the same values as features of 1 (the Grams are squared
+in the frame distances, ~entry⁴, and would overflow or underflow otherwise).
+
 The underscored ``*_t`` functions are the batched kernels shared with the UFM engine and
 :mod:`nclab.stats`: they take float64 tensors with optional leading batch dimensions
 (features (..., N, d), means (..., K, d)) and return tensors, NaN where undefined.
@@ -59,13 +65,20 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from nclab._validate import DegenerateError, all_finite, as_float64, as_labels, as_real, check_classifier
+from nclab._validate import (
+    DegenerateError, all_finite, as_float64, as_labels, as_real, check_classifier, check_fits, check_rtol, max_abs,
+)
 from nclab.frames import orthogonal_frame, simplex_etf
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
 RTOL = 1e-10
 
 EPS64 = float(torch.finfo(torch.float64).eps)
+
+#: float64 inputs whose largest |entry| a lies outside [2^-SAFE_EXP, 2^SAFE_EXP] are first
+#: multiplied (exactly) by the power of two that brings a into [1/2, 1) (see :func:`rescaled`):
+#: the frame distances square the Grams, ~a⁴, which must stay well inside float64's range
+SAFE_EXP = 64
 
 PRESETS = ("papyan2020", "zhu2021")
 
@@ -76,19 +89,21 @@ PRESETS = ("papyan2020", "zhu2021")
 CHUNK_BYTES = 1 << 23
 
 
-def _row_chunks(shape: torch.Size) -> list[slice]:
-    """Row slices of an (..., N, d) array whose float64 copy takes about CHUNK_BYTES."""
+def _row_chunks(shape: torch.Size, width: int = 0) -> list[slice]:
+    """Row slices of an (..., N, d) array whose float64 copy, and a (..., rows, width)
+    product of it, take about CHUNK_BYTES each."""
     *batch, N, d = shape
-    rows = max(1, CHUNK_BYTES // (8 * d * math.prod(batch)))
+    rows = max(1, CHUNK_BYTES // (8 * max(d, width) * math.prod(batch)))
     return [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
 
 
-def _float64_chunks(H: torch.Tensor):
+def _float64_chunks(H: torch.Tensor, width: int = 0):
     """Yield (rows, H[..., rows, :] in float64), converting into one reused buffer.
 
+    Chunks are sized for per-row products of ``width`` columns too (:func:`_row_chunks`).
     The yielded tensor is overwritten by the next chunk: use it before asking for more.
     """
-    chunks = _row_chunks(H.shape)
+    chunks = _row_chunks(H.shape, width)
     if H.dtype == torch.float64:
         yield from ((rows, H[..., rows, :]) for rows in chunks)
         return
@@ -147,7 +162,7 @@ def within_class_pass_t(H, y, M, U, W=None, b=None):
     nc4_rule = None if W is None else _NC4Rule.for_inputs(H, M, U, W, b)
     mismatches = torch.zeros(M.shape[:-2], dtype=torch.float64, device=H.device)
     buffer = None
-    for rows, Hs in _float64_chunks(H):
+    for rows, Hs in _float64_chunks(H, width=K):  # P and NC4's scores have K columns
         ys = y[rows]
         if buffer is None:
             buffer = torch.empty_like(Hs)
@@ -286,10 +301,14 @@ def nc1_trace_t(class_var: torch.Tensor, counts: torch.Tensor, Mc: torch.Tensor)
 
 
 def cdnv_t(class_var: torch.Tensor, M: torch.Tensor):
-    """Mean over pairs k<k' of (σ_k² + σ_k'²) / (2‖μ_k - μ_k'‖²), shape (...)."""
+    """Mean over pairs k<k' of (σ_k² + σ_k'²) / (2‖μ_k - μ_k'‖²), shape (...).
+
+    The distances come from ``cdist`` on the differences (not the Gram trick, which
+    cancels): K x K memory instead of the K(K-1)/2 x d of indexing the pairs.
+    """
     K = M.shape[-2]
     i, j = torch.triu_indices(K, K, offset=1, device=M.device)
-    dist2 = (M[..., i, :] - M[..., j, :]).square().sum(-1)
+    dist2 = torch.cdist(M, M, compute_mode="donot_use_mm_for_euclid_dist")[..., i, j].square()
     return ((class_var[..., i] + class_var[..., j]) / (2 * dist2)).mean(-1)
 
 
@@ -362,10 +381,70 @@ def summary_metrics_t(M, counts, class_var, nc1=None, W=None):
     return {key: out.pop(key) for key in order if key in out} | out
 
 
+# ------------------------------------------------------------------ scale
+def power_of_two_exponent(a: float) -> int:
+    """e with a·2^-e in [1/2, 1) when a > 0 lies outside [2^-SAFE_EXP, 2^SAFE_EXP], else 0."""
+    if a == 0.0 or 2.0**-SAFE_EXP <= a <= 2.0**SAFE_EXP:
+        return 0
+    return math.frexp(a)[1]
+
+
+def times_power_of_two(t: torch.Tensor, e: int) -> torch.Tensor:
+    """t · 2^e, exact unless a result leaves float64's normal range (two factors: 2^e
+    alone need not be a float64 when t is subnormal)."""
+    if e == 0:
+        return t
+    half = e // 2
+    return t * 2.0**half * 2.0 ** (e - half)
+
+
+def rescaled(H, W=None, b=None):
+    """(H·2^-e_H, W·2^-e_W, b·2^-(e_H+e_W)) with ordinary magnitudes (see SAFE_EXP).
+
+    Every metric is invariant under these: the Σs scale together, the frames are
+    normalised, and argmax(Wh + b) is that of 2^-(e_H+e_W)(Wh + b). Only float64
+    features can need it (the squares of any other dtype fit float64), so the extra pass
+    over H (``aminmax``, also the NaN/Inf check) is made for float64 features only.
+    """
+    e_h = 0
+    if H.dtype == torch.float64:
+        a = max_abs(H)
+        if not math.isfinite(a):
+            raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
+        e_h = power_of_two_exponent(a)
+    e_w = 0 if W is None else power_of_two_exponent(max_abs(W))
+    W = None if W is None else times_power_of_two(W, -e_w)
+    return times_power_of_two(H, -e_h), W, scaled_bias(b, e_h + e_w)
+
+
+def scaled_bias(b: torch.Tensor | None, e: int):
+    """b · 2^-e for logits scaled by 2^-e, or a clear error when that overflows."""
+    if b is None or e == 0:
+        return b
+    b = times_power_of_two(b, -e)
+    if not all_finite(b):
+        raise ValueError("bias: some entries are more than 1e308 times the logits W h (features and "
+                         "weights this small), so W h + b overflows once rescaled; scale weights and bias together")
+    return b
+
+
+def check_memory(K: int, d: int, device=None) -> None:
+    """Raise before allocating when the K x K work of the metrics cannot fit.
+
+    The summary metrics hold about 30 K x K float64 matrices at once (Grams, their
+    eigenvectors, the frames, the stacked frame distances), and the per-chunk K-column
+    products of the within-class pass stay near CHUNK_BYTES.
+    """
+    check_fits(8 * (30 * K * K + 4 * K * d), "labels", f"K = {K} classes (K x K Grams)", device)
+
+
 # ------------------------------------------------------------------ public functions
 def _prepare(features, labels, num_classes=None, check_finite: bool = True):
     H = as_real(features, "features", ndim=2, check_finite=check_finite)
+    if H.shape[1] == 0:
+        raise ValueError("features: has 0 columns; need a feature dimension d >= 1")
     y, K = as_labels(labels, H.shape[0], num_classes=num_classes, device=H.device)
+    check_memory(K, H.shape[1], H.device)
     return H, y, K
 
 
@@ -381,9 +460,13 @@ def finite_value(name: str, value: torch.Tensor) -> float:
 
 
 def class_means(features, labels, num_classes: int | None = None) -> torch.Tensor:
-    """Class means μ_k as a float64 tensor (K, d), for any label order and class sizes."""
+    """Class means μ_k as a float64 tensor (K, d), for any label order and class sizes.
+
+    Summed at a power-of-two scale when the features are extreme, so the sums never overflow.
+    """
     H, y, K = _prepare(features, labels, num_classes)
-    return class_means_t(H, y, K)[0]
+    e = power_of_two_exponent(max_abs(H)) if H.dtype == torch.float64 else 0
+    return times_power_of_two(class_means_t(times_power_of_two(H, -e), y, K)[0], e)
 
 
 def nc1(features, labels, num_classes=None, rtol: float = RTOL) -> float:
@@ -403,14 +486,15 @@ def cdnv(features, labels, num_classes=None) -> float:
 
 def nc2(features, labels, frame: str = "etf", num_classes=None) -> float:
     """Distance of the normalised class-mean Gram to a frame: "etf" (centred) or "of" (uncentred)."""
+    if frame not in ("etf", "of"):
+        raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
     H, y, K = _prepare(features, labels, num_classes)
+    H, _, _ = rescaled(H)
     M, _ = class_means_t(H, y, K)
     if frame == "etf":
         Mc = centre(M)
         return finite_value("nc2_etf", frame_distance_t(Mc @ Mc.mT, simplex_etf(K, device=H.device)))
-    if frame == "of":
-        return finite_value("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
-    raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
+    return finite_value("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
 
 
 def nc2_weights(weights, frame: str = "etf") -> float:
@@ -422,6 +506,8 @@ def nc2_weights(weights, frame: str = "etf") -> float:
         raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
     if K < 2:
         raise ValueError("weights: need at least 2 rows (classes)")
+    check_memory(K, W.shape[1], W.device)
+    W = times_power_of_two(W, -power_of_two_exponent(max_abs(W)))
     return finite_value(f"nc2w_{frame}", frame_distance_t(W @ W.mT, targets[frame](K, device=W.device)))
 
 
@@ -439,7 +525,8 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         features: (N, d) array or tensor; labels: (N,) integers in 0..K-1 (any order,
         any class sizes, every class present); weights: optional (K, d); bias: optional
         (K,); preset: None, "papyan2020" or "zhu2021" (see the module docstring);
-        num_classes: K when it is not max(labels) + 1.
+        num_classes: K when it is not max(labels) + 1 (K <= N: every class occurs);
+        rtol: relative eigenvalue cut-off for Σ_B⁺, float64 eps <= rtol < 1.
     Returns:
         A flat dict of Python floats. Without a preset: nc1, nc1_trace, cdnv, nc2_etf,
         nc2_of and, with weights, nc2w_etf, nc2w_of, nc3_etf, nc3_of, nc3_duality_etf,
@@ -450,6 +537,7 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: expected None or one of {PRESETS}, got {preset!r}")
+    rtol = check_rtol(rtol)
     H, y, K = _prepare(features, labels, num_classes, check_finite=False)
     W = b = None
     if weights is not None:
@@ -458,6 +546,7 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         raise ValueError("bias: given without weights; pass weights=W (K, d) as well")
     if preset in ("papyan2020",) and W is None:
         raise ValueError(f"weights: preset {preset!r} needs the classifier weights")
+    H, W, b = rescaled(H, W, b)
     means = class_means_t(H, y, K)
     if not bool(torch.isfinite(means[0]).all()) and not all_finite(H):  # NaN/Inf reach the means
         raise ValueError("features: contains NaN or Inf; remove or fix those entries first")

@@ -19,10 +19,23 @@ pass: :class:`NC4Counter`.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-from nclab._validate import as_float64, check_classifier, to_tensor
-from nclab.metrics import RTOL, between_class_basis_t, centre, finite_value, nc1_t, nc4_t, summary_metrics_t
+from nclab._validate import (
+    _INT_DTYPES, all_finite, as_float64, as_real, check_classifier, check_fits, check_rtol, max_abs, to_tensor,
+)
+from nclab.metrics import (
+    RTOL, between_class_basis_t, centre, check_memory, finite_value, nc1_t, nc4_t, power_of_two_exponent,
+    scaled_bias, summary_metrics_t, times_power_of_two,
+)
+
+#: ClassStats accepts float64 batches whose largest |entry| a has 2^-MOMENT_EXP <= a <=
+#: 2^MOMENT_EXP (or a = 0): then every square, and every sum of up to 2^100 of them, is a
+#: normal float64. Other dtypes always qualify (float32's range is 2^-149..2^128).
+MOMENT_EXP = 400
 
 
 class ClassStats:
@@ -34,10 +47,13 @@ class ClassStats:
     """
 
     def __init__(self, num_classes: int, dim: int, *, full: bool = True, device=None):
-        if num_classes < 2:
-            raise ValueError(f"num_classes: need at least 2 classes, got {num_classes}")
-        if dim < 1:
-            raise ValueError(f"dim: expected a positive feature dimension, got {dim}")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes: need an integer number of classes >= 2, got {num_classes!r}")
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"dim: expected a positive integer feature dimension, got {dim!r}")
+        num_classes, dim, full = int(num_classes), int(dim), bool(full)
+        check_fits(self.memory_bytes(num_classes, dim, full), "num_classes",
+                   f"ClassStats(num_classes={num_classes}, dim={dim}, full={full}) would", device)
         self.num_classes, self.dim, self.full = num_classes, dim, full
         kw = dict(dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, **kw)
@@ -45,14 +61,24 @@ class ClassStats:
         self.m2 = torch.zeros(num_classes, **kw)
         self.scatter = torch.zeros(dim, dim, **kw) if full else None
 
+    @staticmethod
+    def memory_bytes(num_classes: int, dim: int, full: bool = True) -> int:
+        """Peak bytes, about: K·d + 2K stored float64 values (+ d² with ``full``), and as
+        many again three times over for an update's batch means, sums and merge (the
+        batch's own (B, d) copies are the caller's to size)."""
+        K, d = num_classes, dim
+        return 8 * 4 * (K * d + 2 * K + (d * d if full else 0))
+
     # ------------------------------------------------------------------ accumulate
     def update(self, features, labels) -> "ClassStats":
         """Add a batch: features (B, d) (any float dtype/device), labels (B,) in 0..K-1."""
-        H = as_float64(features, "features", ndim=2, device=self.counts.device)
+        H = as_real(features, "features", ndim=2, device=self.counts.device, check_finite=False)
         if H.shape[1] != self.dim:
             raise ValueError(f"features: expected {self.dim} columns, got {H.shape[1]}")
+        _check_moment_range(H)
+        H = H.to(torch.float64)
         y = to_tensor(labels, "labels", device=H.device)
-        if y.dtype.is_floating_point or y.ndim != 1 or y.shape[0] != H.shape[0]:
+        if y.dtype not in _INT_DTYPES or y.ndim != 1 or y.shape[0] != H.shape[0]:
             raise ValueError(f"labels: expected integer shape ({H.shape[0]},), got {y.dtype} {tuple(y.shape)}")
         y = y.long()
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -69,6 +95,8 @@ class ClassStats:
 
     def merge(self, other: "ClassStats") -> "ClassStats":
         """Fold another accumulator (same K, d) into this one, exactly (Chan et al.)."""
+        if not isinstance(other, ClassStats):
+            raise TypeError(f"other: expected a ClassStats, got {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
             raise ValueError("other: merging statistics of a different K or d")
         scatter = other.scatter if self.full else None
@@ -126,19 +154,47 @@ class ClassStats:
 
     def metrics(self, weights=None, rtol: float = RTOL) -> dict[str, float]:
         """The metrics of :func:`nclab.measure` except nc4 (and nc1 when ``full=False``)."""
+        rtol = check_rtol(rtol)
         empty = torch.nonzero(self.counts == 0).flatten().tolist()
         if empty:
             raise ValueError(f"labels: class(es) {empty[:10]} received no samples")
+        check_memory(self.num_classes, self.dim, self.counts.device)
         W = None
         if weights is not None:
             W, _ = check_classifier(weights, None, self.num_classes, self.dim, device=self.counts.device)
+            W = times_power_of_two(W, -power_of_two_exponent(max_abs(W)))  # its metrics are scale-free
+        # at the scale 2^-e that brings the means to ordinary size (the Grams' squares fit)
+        e = power_of_two_exponent(max_abs(self.means))
+        M = times_power_of_two(self.means, -e)
         nc1 = None
         if self.full:
-            U, inv_lam = between_class_basis_t(centre(self.means), rtol)
-            quad = torch.einsum("dr,de,er->r", U, self.within_covariance, U)  # diag(Uᵀ Σ_W U)
-            nc1 = nc1_t(quad, inv_lam)
-        raw = summary_metrics_t(self.means, self.counts, self.m2 / self.counts, nc1, W)
+            U, inv_lam = between_class_basis_t(centre(M), rtol)
+            Sigma_W = times_power_of_two(self.within_covariance, -2 * e)
+            nc1 = nc1_t(torch.einsum("dr,de,er->r", U, Sigma_W, U), inv_lam)  # Σ_j u_jᵀΣ_W u_j / λ_j
+        class_var = times_power_of_two(self.m2 / self.counts, -2 * e)
+        raw = summary_metrics_t(M, self.counts, class_var, nc1, W)
         return {k: finite_value(k, v) for k, v in raw.items()}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_moment_range(H: torch.Tensor) -> None:
+    """NaN/Inf, or float64 magnitudes whose squares leave float64 (see MOMENT_EXP): an error."""
+    if H.dtype != torch.float64:
+        if not all_finite(H):
+            raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
+        return
+    a = max_abs(H)
+    if not math.isfinite(a):
+        raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
+    if a != 0.0 and not 2.0**-MOMENT_EXP <= a <= 2.0**MOMENT_EXP:
+        e = math.frexp(a)[1]
+        raise ValueError(
+            f"features: entries up to {a:.3g} are too {'large' if e > 0 else 'small'} for ClassStats, "
+            f"whose float64 second moments would {'overflow' if e > 0 else 'underflow'}; multiply "
+            f"every batch by the same constant, e.g. 2.0**{-e} (every metric is scale-invariant)")
 
 
 class NC4Counter:
@@ -146,18 +202,32 @@ class NC4Counter:
 
     Args:
         means: final class means (K, d), e.g. ``ClassStats.means``; weights (K, d); bias (K,) or None.
+
+    Extreme magnitudes are handled by powers of two (exact): W, b by 2^-e_W at the start,
+    each batch's H, the means and b by the 2^-e of that batch (:func:`nclab.metrics.rescaled`).
     """
 
     def __init__(self, means, weights, bias=None):
         self.means = as_float64(means, "means", ndim=2)
         K, d = self.means.shape
-        self.W, self.b = check_classifier(weights, bias, K, d, device=self.means.device)
+        W, b = check_classifier(weights, bias, K, d, device=self.means.device)
+        e_w = power_of_two_exponent(max_abs(W))
+        self.W, self.b = times_power_of_two(W, -e_w), scaled_bias(b, e_w)
+        self.means_max = max_abs(self.means)
         self.mismatches = torch.zeros((), dtype=torch.float64, device=self.means.device)
         self.seen = torch.zeros_like(self.mismatches)
 
     def update(self, features) -> "NC4Counter":
-        H = as_float64(features, "features", ndim=2, device=self.means.device)
-        self.mismatches += nc4_t(H, self.means, self.W, self.b) * H.shape[0]
+        """Count a batch of features (B, d)."""
+        H = as_real(features, "features", ndim=2, device=self.means.device, check_finite=False)
+        if H.shape[1] != self.means.shape[1]:
+            raise ValueError(f"features: expected {self.means.shape[1]} columns (the means' d), got {H.shape[1]}")
+        a = max_abs(H)
+        if not math.isfinite(a):
+            raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
+        e = power_of_two_exponent(max(a, self.means_max))
+        H, M = times_power_of_two(H.to(torch.float64), -e), times_power_of_two(self.means, -e)
+        self.mismatches += nc4_t(H, M, self.W, scaled_bias(self.b, e)) * H.shape[0]
         self.seen += H.shape[0]
         return self
 
