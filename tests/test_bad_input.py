@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from nclab import ClassStats, _validate, measure
+from nclab import ClassStats, _validate, cli, measure
+from nclab.io import load_features
 from nclab.metrics import nc1, nc2_weights
 
 finite = st.floats(-1e3, 1e3, allow_nan=False)
@@ -146,3 +147,75 @@ def test_k_work_that_cannot_fit_is_rejected_with_an_estimate(monkeypatch):
 def test_features_without_columns():
     with pytest.raises(ValueError, match="^features: has 0 columns"):
         measure(np.zeros((3, 0)), np.array([0, 1, 1]))
+
+
+# ----------------------------------------------------------------- feature files
+def _write(path, kind, payload):
+    if kind == "pt":
+        torch.save(payload, path)
+    elif kind == "npz":
+        np.savez(path, **payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _good_npz_bytes(tmp_path):
+    p = tmp_path / "good.npz"
+    np.savez(p, features=np.ones((3, 2)), labels=np.arange(3))
+    return p.read_bytes()
+
+
+@pytest.mark.parametrize("name, kind, payload, match", [
+    ("empty.npz", "raw", b"", r"^FILE: .*empty\.npz is empty \(0 bytes\)$"),
+    ("empty.pt", "raw", b"", r"^FILE: .*empty\.pt is empty \(0 bytes\)$"),
+    ("garbage.pt", "raw", b"hello world\n" * 3, r"^FILE: could not read .* as a torch file \(\w+"),
+    ("garbage.npz", "raw", b"hello world\n" * 3, r"^FILE: could not read .* as \.npz \(\w+"),
+    ("trunc.npz", "truncated", None, r"^FILE: could not read .* as \.npz \(BadZipFile"),
+    ("list.pt", "pt", [1, 2], r"^FILE: .* must hold a dict .* not a list$"),
+    ("tensor.pt", "pt", torch.ones(3), r"^FILE: .* must hold a dict .* not a Tensor$"),
+    ("ragged.pt", "pt", {"features": [[1.0, 2.0], [3.0]], "labels": [0, 1]},
+     r"^FILE: key 'features' of ragged\.pt is not a numeric array \(ValueError: .*inhomogeneous"),
+    ("strings.pt", "pt", {"features": torch.ones(2, 2), "labels": ["a", "b"]},
+     r"^FILE: key 'labels' of strings\.pt is not a numeric array \(it holds list of dtype <U1\)"),
+    ("none.pt", "pt", {"features": torch.ones(2, 2), "labels": None},
+     r"^FILE: key 'labels' of none\.pt is not a numeric array \(it holds NoneType of dtype object\)"),
+    ("objects.pt", "pt", {"features": torch.ones(2, 2), "labels": [0, 1], "weights": [[1.0, 2.0], [3.0, None]]},
+     r"^FILE: key 'weights' of objects\.pt is not a numeric array .*dtype object"),
+    ("strings.npz", "npz", {"features": np.ones((2, 2)), "labels": np.array(["a", "b"])},
+     r"^FILE: key 'labels' of strings\.npz is not a numeric array"),
+    ("objects.npz", "npz", {"features": np.array([[1, 2], [3]], dtype=object), "labels": np.arange(2)},
+     r"^FILE: could not read .* as \.npz \(ValueError: Object arrays cannot be loaded"),
+    ("nolabels.pt", "pt", {"features": torch.ones(2, 2), 1: 2}, r"^FILE: .* lacks key\(s\) \['labels'\]; it has \['1', 'features'\]"),
+])
+def test_bad_feature_files_give_one_line_errors(tmp_path, name, kind, payload, match):
+    path = tmp_path / name
+    if kind == "truncated":
+        path.write_bytes(_good_npz_bytes(tmp_path)[:100])
+    else:
+        _write(path, kind, payload)
+    with pytest.raises(ValueError, match=match) as exc:
+        load_features(path)
+    assert len(str(exc.value).splitlines()) == 1 and len(str(exc.value)) < 400
+
+
+def test_cli_reports_a_bad_file_in_one_line(tmp_path, capsys):
+    path = tmp_path / "ragged.pt"
+    torch.save({"features": [[1.0, 2.0], [3.0]], "labels": [0, 1]}, path)
+    assert cli.main(["measure", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nclab measure: error: FILE: key 'features'") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("entries, dtypes", [
+    ({"features": [[1.0, 2.0], [3.0, 4.0], [0.5, 1.0]], "labels": [0, 1, 1]}, ("float64", "int64")),
+    ({"features": torch.ones(3, 2, dtype=torch.bfloat16), "labels": torch.tensor([0, 1, 1])}, ("float32", "int64")),
+    ({"features": torch.ones(3, 2, requires_grad=True), "labels": torch.tensor([0, 1, 1], dtype=torch.int32)},
+     ("float32", "int32")),
+])
+def test_feature_files_with_lists_or_tensors_become_numpy_arrays(tmp_path, entries, dtypes):
+    path = tmp_path / "f.pt"
+    torch.save(entries, path)
+    data = load_features(path)
+    assert all(type(v) is np.ndarray for v in data.values())
+    assert (str(data["features"].dtype), str(data["labels"].dtype)) == dtypes
+    assert data["labels"].max() == 1  # what the CLI prints needs arrays, not lists

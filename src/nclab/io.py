@@ -93,32 +93,58 @@ FEATURE_KEYS = ("features", "labels", "weights", "bias")
 def load_features(path) -> dict[str, np.ndarray]:
     """Read ``features`` (N, d), ``labels`` (N,), optional ``weights``, ``bias`` from .npz or .pt.
 
-    Raises ValueError with a one-line message for a missing file, an unknown suffix, or
-    missing keys (shapes and values are checked by :func:`nclab.measure`).
+    Every entry is returned as a numpy array of numbers (bool, integer, float or complex;
+    torch tensors and Python lists are converted here, bfloat16 to float32). Raises
+    ValueError with a one-line message for a missing, empty or unreadable file, an unknown
+    suffix, a .pt that is not a dict, missing keys, or an entry that is not a numeric array
+    (ragged lists, strings, objects); shapes and values are checked by :func:`nclab.measure`.
     """
     path = Path(path)
+
+    def reason(exc: BaseException) -> str:
+        text = " ".join(str(exc).split())  # one line, however long the library's message
+        text = text if len(text) <= 200 else text[:197] + "..."
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    def numeric(key: str, value) -> np.ndarray:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = value.float() if value.dtype == torch.bfloat16 else value  # numpy has no bfloat16
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, unsupported dtypes
+            raise ValueError(f"FILE: key {key!r} of {path.name} is not a numeric array ({reason(exc)})") from None
+        if arr.dtype.kind not in "biufc":
+            raise ValueError(f"FILE: key {key!r} of {path.name} is not a numeric array (it holds "
+                             f"{type(value).__name__} of dtype {arr.dtype}); save numbers, e.g. a tensor or ndarray")
+        return arr
+
     if not path.is_file():
         raise ValueError(f"FILE: {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"FILE: {path} is empty (0 bytes)")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:  # zipfile/pickle errors differ by numpy version
-            raise ValueError(f"FILE: could not read {path} as .npz ({exc})") from None
+            raise ValueError(f"FILE: could not read {path} as .npz ({reason(exc)})") from None
     elif suffix in (".pt", ".pth"):
         import torch
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"FILE: could not read {path} as a torch file ({exc})") from None
+            raise ValueError(f"FILE: could not read {path} as a torch file ({reason(exc)})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"FILE: {path} must hold a dict with keys {FEATURE_KEYS[:2]}")
+            raise ValueError(f"FILE: {path} must hold a dict with keys {FEATURE_KEYS[:2]}, "
+                             f"not a {type(obj).__name__}")
         data = dict(obj)
     else:
         raise ValueError(f"FILE: expected a .npz or .pt file, got {path.name}")
     missing = [k for k in ("features", "labels") if k not in data]
     if missing:
-        raise ValueError(f"FILE: {path.name} lacks key(s) {missing}; it has {sorted(data)}")
-    return {k: data[k] for k in FEATURE_KEYS if k in data}
+        raise ValueError(f"FILE: {path.name} lacks key(s) {missing}; it has {sorted(map(str, data))}")
+    return {k: numeric(k, data[k]) for k in FEATURE_KEYS if k in data}
