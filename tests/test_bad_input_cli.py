@@ -91,7 +91,7 @@ def test_run_bad_config_files(scratch, capsys, name, text, word):
 OUT_CASES = {
     "a file": ("user.txt", "is a file, not a folder"),
     "under a file": ("user.txt/sub", "is a file, so"),
-    "holding the user's files": (".", "already holds ufm.toml, user.txt"),
+    "holding the user's files": (".", "already holds results (ufm.toml, user.txt)"),
 }
 
 

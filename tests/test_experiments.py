@@ -63,7 +63,7 @@ def test_report_lists_experiments_and_quick_reproduce_covers_all(tmp_path):
 def test_existing_results_are_not_overwritten_and_resume_skips(fig3_run, capsys):
     before = (fig3_run / "fig3" / "metrics.csv").read_text()
     assert main(["reproduce", "fig3", "--iterations", "2000", "--out", str(fig3_run)]) == 2
-    assert "already holds an earlier nclab run" in capsys.readouterr().err
+    assert "already holds results" in capsys.readouterr().err
     assert main(["reproduce", "fig3", "--iterations", "2000", "--out", str(fig3_run), "--resume"]) == 0
     assert "skipped" in capsys.readouterr().out
     assert (fig3_run / "fig3" / "metrics.csv").read_text() == before

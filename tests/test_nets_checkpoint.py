@@ -1,6 +1,7 @@
 """Checkpoints: plain data loaded with weights_only=True; bad files give one clean line, never code."""
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -65,18 +66,34 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, run, inside):
     assert marker.exists()
 
 
-def test_crafted_checkpoint_through_resume_and_cli(tmp_path, capsys):
+def copy_of(run, out):
+    """A copy of an nclab run folder (its manifest too): a checkpoint swapped in there is resumed."""
+    shutil.copytree(run, out)
+    return out
+
+
+def test_crafted_checkpoint_through_resume_and_cli(tmp_path, run, capsys):
     marker = tmp_path / "pwned"
-    out = tmp_path / "run"
-    out.mkdir()
+    out = copy_of(run, tmp_path / "run")
     torch.save({"settings": {}, "model": Payload(f"touch {marker}")}, out / checkpoint.CHECKPOINT)
     with pytest.raises(ValueError, match=NOT_OURS):
         train(TrainSettings(**TINY), out, quiet=True, resume=True)
-    argv = ["train", "--out", str(out), "--model", "mlp", "--epochs", "1", "--per-class", "6", "--resume", "--quiet"]
+    argv = ["train", "--out", str(out), "--model", "mlp", "--epochs", "1", "--per-class", "6", "--batch-size", "16",
+            "--eval-every", "1", "--measure-per-class", "3", "--threads", "1", "--resume", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "is not an nclab checkpoint" in err and err.count("\n") == 1
     assert not marker.exists()
+
+
+def test_checkpoint_in_a_folder_nclab_did_not_write_is_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "theirs"
+    out.mkdir()
+    torch.save({"settings": {}, "model": Payload(f"touch {marker}")}, out / checkpoint.CHECKPOINT)
+    with pytest.raises(ValueError, match="holds no nclab run to resume"):
+        train(TrainSettings(**TINY), out, quiet=True, resume=True)
+    assert not marker.exists() and (out / checkpoint.CHECKPOINT).exists()
 
 
 def _write(path, kind, run):
@@ -104,8 +121,7 @@ def _write(path, kind, run):
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "foreign dict", "tensor", "plain pickle",
                                   "wrong types", "bad settings"])
 def test_bad_checkpoints_give_one_clean_line(tmp_path, run, kind):
-    out = tmp_path / "run"
-    out.mkdir()
+    out = copy_of(run, tmp_path / "run")
     _write(out / checkpoint.CHECKPOINT, kind, run)
     with pytest.raises(ValueError, match=NOT_OURS) as exc:
         train(TrainSettings(**TINY), out, quiet=True, resume=True)
@@ -116,8 +132,7 @@ def test_bad_checkpoints_give_one_clean_line(tmp_path, run, kind):
 
 def test_state_of_another_model_is_not_resumed(tmp_path, run):
     """A checkpoint whose settings match but whose model state does not fit: a clean line too."""
-    out = tmp_path / "run"
-    out.mkdir()
+    out = copy_of(run, tmp_path / "run")
     ck = torch.load(run / checkpoint.CHECKPOINT, weights_only=True)
     ck["model"] = {"weight": torch.zeros(2)}
     torch.save(ck, out / checkpoint.CHECKPOINT)

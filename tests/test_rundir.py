@@ -35,7 +35,7 @@ def test_new_folder_gets_files_manifest_and_user_permissions(tmp_path):
 
 def test_non_empty_folder_is_refused_without_resume_or_force(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
-    with pytest.raises(RunDirError, match="--out: .*already holds mine.txt.*--force"):
+    with pytest.raises(RunDirError, match="--out: .*already holds results \\(mine.txt\\).*--force"):
         RunDir(tmp_path).open()
     assert (tmp_path / "mine.txt").read_text() == "user data"
     assert not (tmp_path / ".nclab").exists() or not (tmp_path / ".nclab" / "manifest.json").exists()
@@ -69,7 +69,7 @@ def test_resume_skips_complete_parts_and_refuses_other_settings(tmp_path):
     with RunDir(tmp_path / "r", mode="resume") as rd:
         assert not write_part(rd, "a", {"steps": 10})
         assert write_part(rd, "b", {"steps": 10})
-    with pytest.raises(RunDirError, match=r"other settings \(steps: 10 → 20\)"):
+    with pytest.raises(RunDirError, match=r"different settings \(steps: 10 → 20\)"):
         with RunDir(tmp_path / "r", mode="resume") as rd:
             write_part(rd, "a", {"steps": 20})
 

@@ -150,9 +150,9 @@ class RunDir:
         user = self.user_entries()
         if self.mode == "new" and (ours or user):
             shown = ", ".join(sorted(user)[:3]) if user and not ours else "an earlier nclab run"
-            raise RunDirError(f"{self.option}: {self.root} already holds {shown}; choose a new {self.option}, "
-                              "pass --resume to continue an nclab run there, or --force to replace nclab's "
-                              "earlier results (your own files are kept)")
+            raise RunDirError(f"{self.option}: {self.root} already holds results ({shown}); choose a new "
+                              f"{self.option}, or pass --resume or --force: --resume continues the nclab run "
+                              "there, --force replaces nclab's earlier results (your own files are kept)")
         if self.mode == "resume" and user and not self.manifest.get("files"):
             raise RunDirError(f"{self.option}: {self.root} holds no nclab run to resume (it has "
                               f"{', '.join(sorted(user)[:3])}); choose another {self.option}")
@@ -187,8 +187,10 @@ class RunDir:
         """The record of part ``name`` ({"settings": ..., "complete": bool}) or None."""
         return self.manifest.get("parts", {}).get(name)
 
-    def begin_part(self, name: str, settings: dict) -> bool:
-        """Start part ``name``; False when it is complete with the same ``settings`` (skip it).
+    def begin_part(self, name: str, settings: dict, *, again: bool = False) -> bool:
+        """Start part ``name``; False when it is complete with the same ``settings`` (skip it),
+        unless ``again`` (then it is marked incomplete and runs again, e.g. to continue from
+        a checkpoint with more epochs, or because its outputs were found damaged).
 
         A part recorded with other settings is an error (under ``resume``, the only mode
         in which earlier parts exist), naming the settings that differ.
@@ -197,10 +199,13 @@ class RunDir:
         old = self.part(name)
         if old is not None and old["settings"] != settings:
             diff = ", ".join(_differences(old["settings"], settings)[:4])
-            raise RunDirError(f"--resume: {name} in {self.root} was run with other settings ({diff}); resume "
+            raise RunDirError(f"--resume: {name} in {self.root} was run with different settings ({diff}); resume "
                               f"with the same settings, pass --force to start over, or choose another {self.option}")
-        if old is not None and old["complete"]:
+        if old is not None and old["complete"] and not again:
             return False
+        if old is not None and old["complete"]:
+            old["complete"] = False
+            self._write_manifest()
         if old is None:
             self.manifest.setdefault("parts", {})[name] = {"settings": settings, "complete": False}
             self._new_parts.add(name)
@@ -215,11 +220,6 @@ class RunDir:
         self.keep(name)
         self._current = None
 
-    def reopen_part(self, name: str) -> None:
-        """Mark a complete part as incomplete (its outputs were found missing or unreadable)."""
-        self.manifest["parts"][name]["complete"] = False
-        self._write_manifest()
-
     def keep(self, part: str | None = None) -> None:
         """Declare that ``part`` (default: the current one) holds a result worth keeping, e.g. a
         checkpoint: a failure later leaves its files for ``--resume``."""
@@ -229,6 +229,8 @@ class RunDir:
     @contextlib.contextmanager
     def atomic(self, rel):
         """Yield a temporary path; on success it is renamed onto ``rel`` (recorded in the manifest)."""
+        if self._lock_fd is None:
+            raise RuntimeError(f"{self.root}: the run folder is not open for writing (only rank 0 writes)")
         target = self.path(rel)
         key = target.relative_to(self.root).as_posix()
         if target.exists() and key not in self.manifest.get("files", []):

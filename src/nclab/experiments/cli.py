@@ -110,8 +110,7 @@ def _run_part(rd, experiment, settings, args) -> dict:
             _say(args, f"{experiment.name}: finished earlier with the same settings, skipped (--resume)")
             return summary
         _say(args, f"{experiment.name}: its summary.json is missing or unreadable; running it again")
-        rd.reopen_part(experiment.name)
-        rd.begin_part(experiment.name, experiment.settings_record(settings))
+        rd.begin_part(experiment.name, experiment.settings_record(settings), again=True)
     _say(args, f"{experiment.name}: {experiment.title}")
     summary = experiment.run(settings, folder, quiet=args.quiet, resume=args.resume)
     rd.complete_part(experiment.name)

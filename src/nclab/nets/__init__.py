@@ -9,7 +9,7 @@
   built from :mod:`~nclab.nets.loop` (the training loop), :mod:`~nclab.nets.measure` (the
   metric pass), :mod:`~nclab.nets.checkpoint` (safe checkpoints),
   :mod:`~nclab.nets.distributed` (process group, global BatchNorm),
-  :mod:`~nclab.nets.losses` and :mod:`~nclab.nets.runfolder` (refuse / resume / force).
+  :mod:`~nclab.nets.losses`; output folders are run folders (:mod:`nclab.rundir`).
 * :mod:`nclab.nets.experiment`: ``run_network_experiment("fig5" | "fig10", out_dir)``,
   ``report_markdown``.
 * :mod:`nclab.nets.cli`: the ``nclab train`` command.

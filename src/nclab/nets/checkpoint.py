@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from nclab.io import atomic_path
 from nclab.nets.measure import METRIC_COLUMNS
 from nclab.nets.settings import MAY_CHANGE_ON_RESUME, TrainSettings
 from nclab.settings import SettingsError
@@ -32,9 +31,11 @@ FORMAT = "nclab.nets.checkpoint/1"
 _KEYS = ("settings", "model", "optimizer", "scheduler", "epoch", "rows", "epoch_times", "measure_times", "rng")
 
 
-def save(path, *, settings: TrainSettings, model: dict, optimizer: dict, scheduler: dict, epoch: int,
+def save(folder, *, settings: TrainSettings, model: dict, optimizer: dict, scheduler: dict, epoch: int,
          rows: list[dict], epoch_times: list[float], measure_times: list[float]) -> None:
-    """Write a checkpoint atomically (a reader sees the old file or the new one, never a part)."""
+    """Write ``folder``/checkpoint.pt atomically (a reader sees the old file or the new one, never
+    a part); ``folder`` is a :class:`nclab.rundir.Folder`. The checkpoint is a result kept
+    even if the run fails later."""
     data = {
         "format": FORMAT,
         "settings": settings.to_dict(),
@@ -49,8 +50,9 @@ def save(path, *, settings: TrainSettings, model: dict, optimizer: dict, schedul
         # torch's default CPU generator: model initialisation (batches use their own seeded generator)
         "rng": {"torch": torch.get_rng_state()},
     }
-    with atomic_path(path) as tmp:
+    with folder.atomic(CHECKPOINT) as tmp:
         torch.save(data, tmp)
+    folder.keep()
 
 
 def not_ours(path, reason: str) -> ValueError:

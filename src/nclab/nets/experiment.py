@@ -33,15 +33,14 @@ measured in eval mode on the measured training subsample.
 """
 from __future__ import annotations
 
+import os
 import time
-from pathlib import Path
 
-from nclab.io import read_toml, toml_text, write_csv, write_json, write_text
-from nclab.nets.checkpoint import CHECKPOINT
+from nclab.io import read_toml, toml_text
 from nclab.nets.measure import METRIC_COLUMNS, read_metrics_csv
-from nclab.nets.runfolder import prepare_experiment
 from nclab.nets.settings import TrainSettings, nc3_frame
-from nclab.nets.train import train
+from nclab.nets.train import run_folder, settings_record, train
+from nclab.rundir import Folder
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
 _MSE = dict(loss="mse", bias=False)  # lr, wd: the paper's, in the UFM scaling (TrainSettings.sgd_lr)
@@ -72,24 +71,31 @@ def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu
     return {run: TrainSettings(**base, **hp, device=device) for run, hp in RUNS[name].items()}
 
 
-def train_runs(runs: dict[str, TrainSettings], out_dir, *, experiment: str = "custom", quiet: bool = False,
+def train_runs(runs: dict[str, TrainSettings], out, *, experiment: str = "custom", quiet: bool = False,
                resume: bool = False, force: bool = False) -> dict:
-    """Train each run into out_dir/NAME and write the combined outputs (module docstring).
+    """Train each run into out/NAME and write the combined outputs (module docstring).
 
-    ``resume`` / ``force``: as :func:`run_network_experiment`. The combined config.toml is
-    written only after the runs' settings are checked against their checkpoints.
+    ``out``: a folder path (opened as a run folder, as :func:`nclab.nets.train.train`
+    does) or a :class:`nclab.rundir.Folder` of an open one. ``resume``: continue each run
+    from its checkpoint (the settings must match); ``force``: start over, removing only
+    nclab's earlier files.
     """
-    out = Path(out_dir)
-    prepare_experiment(runs, out, resume=resume, force=force)
+    record = {run: settings_record(s) for run, s in runs.items()}
+    with run_folder(out, resume=resume, force=force, part=experiment, record=record) as folder:
+        return _train_runs(runs, folder, experiment, quiet=quiet, resume=resume)
+
+
+def _train_runs(runs: dict[str, TrainSettings], folder: Folder, experiment: str, *, quiet: bool,
+                resume: bool) -> dict:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     t0 = time.perf_counter()
-    write_text(out / "config.toml", toml_text({"experiment": experiment,
-                                               "runs": {k: c.to_dict() for k, c in runs.items()}}))
+    if rank0:
+        folder.write_text("config.toml", toml_text({"experiment": experiment,
+                                                    "runs": {k: c.to_dict() for k, c in runs.items()}}))
     summaries, rows = {}, {}
     for run, cfg in runs.items():
-        run_dir = out / run
-        summaries[run] = train(cfg, run_dir, resume=resume and (run_dir / CHECKPOINT).exists(), quiet=quiet,
-                               figure=False)
-        rows[run] = read_metrics_csv(run_dir / "metrics.csv")
+        summaries[run] = train(cfg, folder.sub(run), resume=resume, quiet=quiet, figure=False)
+        rows[run] = read_metrics_csv(folder.path(f"{run}/metrics.csv"))
     first = next(iter(summaries.values()))
     summary = {
         "experiment": experiment,
@@ -99,31 +105,36 @@ def train_runs(runs: dict[str, TrainSettings], out_dir, *, experiment: str = "cu
         "wall_time_s": time.perf_counter() - t0,
         "runs": summaries,
     }
-    write_csv(out / "metrics.csv", [{"run": run, **r} for run, rs in rows.items() for r in rs],
-              ["run", *METRIC_COLUMNS])
-    write_json(out / "summary.json", summary)
-    from nclab.nets.plots import plot_runs
+    if rank0:
+        folder.write_csv("metrics.csv", [{"run": run, **r} for run, rs in rows.items() for r in rs],
+                         ["run", *METRIC_COLUMNS])
+        folder.write_json("summary.json", summary)
+        from nclab.nets.plots import plot_runs
 
-    plot_runs(rows, out / "figure", titles={r: f"{TITLES.get(r, r)} ({runs[r].dataset})" for r in rows},
-              nc3_frames={r: nc3_frame(runs[r].loss, runs[r].bias) for r in rows})
+        plot_runs(rows, "figure", folder, titles={r: f"{TITLES.get(r, r)} ({runs[r].dataset})" for r in rows},
+                  nc3_frames={r: nc3_frame(runs[r].loss, runs[r].bias) for r in rows})
     return summary
 
 
-def run_network_experiment(name: str, out_dir, *, data: str | None = None, device: str = "cpu",
-                           quiet: bool = False, epochs: int | None = None, quick: bool = False,
-                           resume: bool = False, force: bool = False) -> dict:
-    """Run the paper's Fig 5 or Fig 10 network experiment into ``out_dir``; returns the summary.
+def run_network_experiment(name: str, out, *, runs: dict[str, TrainSettings] | None = None,
+                           data: str | None = None, device: str = "cpu", quiet: bool = False,
+                           epochs: int | None = None, quick: bool = False, resume: bool = False,
+                           force: bool = False) -> dict:
+    """Run the paper's Fig 5 or Fig 10 network experiment into ``out``; returns the summary.
 
-    An ``out_dir`` that already holds results raises ValueError unless ``resume`` (continue
-    each run from its checkpoint; the settings must match, else ValueError before anything
-    is written) or ``force`` (delete the earlier results first).
+    ``out``: a folder path or a :class:`nclab.rundir.Folder` (see :func:`train_runs`).
+    ``runs``: the settings of every run (default: :func:`experiment_configs` of ``data``,
+    ``device``, ``epochs``, ``quick``). A folder that already holds results is an error
+    unless ``resume`` (continue every run from its checkpoint; the settings must match,
+    else ValueError before anything is written) or ``force`` (start over).
     """
-    runs = experiment_configs(name, data=data, device=device, epochs=epochs, quick=quick)
-    if not quiet and data is None:
+    if runs is None:
+        runs = experiment_configs(name, data=data, device=device, epochs=epochs, quick=quick)
+    first = next(iter(runs.values()))
+    if not quiet and first.dataset == "digits":
         print(f"nclab {name}: no --data given; running on scikit-learn's digits (8x8, offline "
-              "stand-in for the paper's data) with a ResNet18 of width "
-              f"{next(iter(runs.values())).width}")
-    return train_runs(runs, out_dir, experiment=name, quiet=quiet, resume=resume, force=force)
+              f"stand-in for the paper's data) with a ResNet18 of width {first.width}")
+    return train_runs(runs, out, experiment=name, quiet=quiet, resume=resume, force=force)
 
 
 def runs_from_config(path) -> tuple[str, dict[str, TrainSettings]]:

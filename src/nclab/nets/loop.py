@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nclab.io import write_csv, write_json
 from nclab.nets import checkpoint
 from nclab.nets.data import ImageData, load_data, to_device
 from nclab.nets.distributed import Dist, all_reduce_sum, convert_batchnorm, current
@@ -35,6 +34,7 @@ from nclab.nets.measure import METRIC_COLUMNS, Values, measure, measure_sets, me
 from nclab.nets.models import build_model
 from nclab.nets.probe import PENULTIMATE
 from nclab.nets.settings import TrainSettings
+from nclab.rundir import Folder, RunDir
 
 
 @dataclass
@@ -48,17 +48,21 @@ class _State:
 
 
 class Trainer:
-    """One training run in ``out_dir`` (see the module docstring); use :func:`nclab.nets.train.train`.
+    """One training run writing to ``folder`` (see the module docstring); use :func:`nclab.nets.train.train`.
 
-    ``dist``: this process's place in torch.distributed (default: the existing process
-    group, if any); ``data``: the data set (default: loaded from the settings).
+    ``folder``: a :class:`nclab.rundir.Folder` (only rank 0 writes), or a path for a run
+    that writes nothing (benchmarks, tests of one epoch). ``dist``: this process's place
+    in torch.distributed (default: the existing process group, if any); ``data``: the data
+    set (default: loaded from the settings).
     """
 
-    def __init__(self, settings: TrainSettings, out_dir: Path, *, quiet: bool = False,
+    def __init__(self, settings: TrainSettings, folder: Folder | str | Path, *, quiet: bool = False,
                  data: ImageData | None = None, dist: Dist | None = None):
         if not isinstance(settings, TrainSettings):
             raise TypeError(f"settings: expected TrainSettings, got {type(settings).__name__}")
-        self.cfg, self.out, self.quiet = settings, Path(out_dir), quiet
+        if not isinstance(folder, Folder):
+            folder = RunDir(folder).folder()  # not opened: writing is refused
+        self.cfg, self.folder, self.quiet = settings, folder, quiet
         self.dist = dist if dist is not None else current()
         self.device = self._device()
         self.cuda = self.device.type == "cuda"
@@ -167,7 +171,7 @@ class Trainer:
         """checkpoint.pt in the run folder (rank 0 only)."""
         if self.dist.rank != 0:
             return
-        checkpoint.save(self.out / checkpoint.CHECKPOINT, settings=self.cfg, model=self.model.state_dict(),
+        checkpoint.save(self.folder, settings=self.cfg, model=self.model.state_dict(),
                         optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                         epoch=self.state.epoch, rows=self.state.rows, epoch_times=self.state.epoch_times,
                         measure_times=self.state.measure_times)
@@ -191,7 +195,7 @@ class Trainer:
 
     def write_metrics(self) -> None:
         if self.dist.rank == 0:
-            write_csv(self.out / "metrics.csv", self.state.rows, METRIC_COLUMNS)
+            self.folder.write_csv("metrics.csv", self.state.rows, METRIC_COLUMNS)
 
     def summary(self) -> dict:
         s = self.state
@@ -231,7 +235,7 @@ class Trainer:
 
         cfg = self.cfg
         last = min(cfg.epochs, stop_after) if stop_after is not None else cfg.epochs
-        bar = tqdm(range(self.state.epoch + 1, last + 1), desc=self.out.name or "train", unit="epoch",
+        bar = tqdm(range(self.state.epoch + 1, last + 1), desc=self.folder.path().name or "train", unit="epoch",
                    disable=self.quiet or self.dist.rank != 0, initial=self.state.epoch, total=cfg.epochs,
                    mininterval=1.0)
         for epoch in bar:
@@ -258,5 +262,5 @@ class Trainer:
         if self.dist.rank == 0:
             self.write_metrics()
             if self.state.epoch >= cfg.epochs:
-                write_json(self.out / "summary.json", summary)
+                self.folder.write_json("summary.json", summary)
         return summary

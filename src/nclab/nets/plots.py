@@ -99,9 +99,10 @@ def _nc3_panel(ax, rows: list[dict], frame: str, colour) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_runs(runs: dict[str, list[dict]], path_stem, titles: dict[str, str] | None = None,
+def plot_runs(runs: dict[str, list[dict]], stem, folder=None, titles: dict[str, str] | None = None,
               nc3_frames: dict[str, str] | None = None) -> list[Path]:
-    """Draw one Fig-5 row per run; writes ``path_stem``.png and .pdf atomically.
+    """Draw one Fig-5 row per run; writes ``stem``.png and .pdf atomically (inside ``folder``,
+    a :class:`nclab.rundir.Folder`, when given; see :func:`nclab.plots.save_figure`).
 
     Args:
         runs: run name -> metrics.csv rows (dicts with epoch, split, layer, metric, value).
@@ -122,4 +123,4 @@ def plot_runs(runs: dict[str, list[dict]], path_stem, titles: dict[str, str] | N
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3, which="both", lw=0.5)
     fig.tight_layout()
-    return save_figure(fig, Path(path_stem))
+    return save_figure(fig, stem, folder)
