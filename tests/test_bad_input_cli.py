@@ -198,3 +198,34 @@ def test_sweep_with_a_too_large_step_lowers_it_to_a_checked_one(scratch, capsys)
     assert all(np.isfinite(float(r["objective"])) and float(r["lr"]) < 50 for r in rows)
     fails_cleanly(["sweep", "extended", "--out", out], capsys, "already holds")
     shutil.rmtree(out)
+
+
+TINY_TRAIN = ["--model", "mlp", "--epochs", "1", "--per-class", "6", "--batch-size", "16", "--eval-every", "1",
+              "--measure-per-class", "3", "--threads", "1", "--quiet"]
+TRAIN_CASES = {
+    "bias as a string": ('bias = "no"\n', [], "train.bias"),
+    "epochs as a string": ('epochs = "3"\n', [], "train.epochs"),
+    "unknown key": ("epoch = 3\n", [], "did you mean 'epochs'"),
+    "device typo": ("", ["--device", "cdua"], "train.device"),
+    "unknown loss": ('loss = "l1"\n', [], "train.loss"),
+    "resume and force": ("", ["--resume", "--force"], "--resume, --force"),
+}
+
+
+@pytest.mark.parametrize("toml, flags, word", TRAIN_CASES.values(), ids=TRAIN_CASES.keys())
+def test_train_bad_settings(scratch, capsys, toml, flags, word):
+    (scratch / "train.toml").write_text(toml)
+    before = snapshot(scratch)
+    fails_cleanly(["train", "--config", "train.toml", "--out", "t", *flags], capsys, word)
+    assert snapshot(scratch) == before and not (scratch / "t").exists()
+
+
+def test_train_into_a_users_folder_is_refused(scratch, capsys):
+    before = snapshot(scratch)
+    fails_cleanly(["train", "--out", ".", *TINY_TRAIN], capsys, "already holds results")
+    assert snapshot(scratch) == before
+
+
+def test_failed_network_reproduce_leaves_nothing_to_block_the_corrected_command(scratch, capsys):
+    fails_cleanly(["reproduce", "fig5", "--data", scratch / "nonexistent", "--out", "o"], capsys, "MNIST")
+    assert not (scratch / "o").exists()
