@@ -33,9 +33,9 @@ theory then predicts neither the t's nor a stationary value.
 minus the bias (for the linear model exactly W_L⋯W_1 M_1). For every group g of equal
 target singular values σ_g with singular vectors U_g, V_g, the measured t's are the
 singular values of U_gᵀ X V_g / σ_g (|P_kk| for a class of its own size); "misalignment"
-says how far X is from sharing the targets' singular vectors (0 at a stationary point). A direction is at
-zero when its t ≤ ``zero_tol`` · t_ref, t_ref the largest predicted t̂ (1 when the theory
-predicts none; max(1, largest measured t) for models the theory does not cover).
+says how far X is from sharing the targets' singular vectors (0 at a stationary point).
+A direction is at zero when its t ≤ ``zero_tol`` · t_ref, t_ref the largest predicted t̂
+(1 when the theory predicts none; max(1, largest measured t) for models it does not cover).
 
 **Decision** (``rtol`` relative):
 
@@ -46,7 +46,9 @@ predicts none; max(1, largest measured t) for models the theory does not cover).
   regularised bias, imbalanced ReLU), "stationary" means only that the objective has
   stopped falling: it fell by at most rtol (relative) over the last quarter of the run;
 - "not_converged": anything else, with the relative gap at the end and how fast it was
-  falling (decades per 1000 iterations over the last quarter of the logged history).
+  falling (decades per 1000 iterations over the last quarter of the logged history). The
+  balanced extended ReLU model has an f* but no known worse critical points: a restart
+  stuck at one (fig4, fig9) is "not_converged" with a gap decay near 0.
 """
 from __future__ import annotations
 
