@@ -3,6 +3,7 @@ brute-force global minima of the actual objective, and exact constructed optima.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -425,3 +426,164 @@ def test_check_width():
     T.check_width(3, 4, bias=True)
     with pytest.raises(ValueError, match="Theorem 3.2 needs d >= K-1"):
         T.check_width(2, 4, bias=True)
+
+
+# --------------------------------------------------------------------------- extreme λs
+def _reference(K, n, lams, bias=False):
+    """c, t*, f*, β, ‖A_i‖², g_l, κ, ρ in 40-digit decimal arithmetic (no over/underflow)."""
+    import decimal
+    from decimal import Decimal as D
+
+    ctx = decimal.Context(prec=40, Emax=10**6, Emin=-10**6)
+    with decimal.localcontext(ctx):
+        m, lam = len(lams), [D(x) for x in lams]
+
+        def root(x, k):
+            return (x.ln() / k).exp()
+
+        Lam = D(1)
+        for x in lam:
+            Lam *= x
+        c = D(K) * root(D(n) * Lam, m)
+        cc = D(1) if m == 2 else root(D(m - 2), D(m) / (m - 2)) / root(D(m - 1), D(m) / (2 * m - 2))
+        if m == 2:
+            t = max(1 - c, D(0))
+        elif c >= cc:
+            t = D(0)
+        else:  # h(t) = t − 1 + c t^p is convex and increasing near its largest root: Newton from 1
+            p, t = D(2 - m) / m, D(1)
+            for _ in range(200):
+                t -= (t - 1 + c * (p * t.ln()).exp()) / (1 + c * p * ((p - 1) * t.ln()).exp())
+        phi = D("0.5") if t == 0 else (t - 1) ** 2 / 2 + D(m) / 2 * c * (D(2) / m * t.ln()).exp()
+        f = phi * (D(K - 1) / K if bias else 1)
+        r = D(K - 1 if bias else K)
+        beta = D(0) if t == 0 else root(D(n) * Lam, m) * (D(2) / m * t.ln()).exp()
+        gram, cum = [], D(1)
+        for l in range(1, m):
+            cum *= lam[l - 1]
+            gram.append(beta ** l / (D(n) * cum))
+        out = dict(c=c, t_star=t, f_star=f, beta=beta, factor_sq_norms=[r * beta / x for x in lam],
+                   gram_scale=gram, w_coeff=None if t == 0 else t / gram[-1],
+                   rho=max(1 - c, D(0)) * (lam[1] / (D(n) * lam[0])).sqrt() if m == 2 else None)
+    return out
+
+
+EXTREME_LAMS = [
+    (1e-300, 1e-300), (1e300, 1e-305), (1e-305, 1e300), (2.3e-308, 1e-3), (1e-300, 1e-300, 1e-300),
+    (1e300, 1e-300, 1e-306), (1e-300,) * 4, (1e150, 1e-300, 1e-300, 1e-300), (1e300, 1e300),
+    (1e300, 1e-300, 1e-30), (1.7e308, 2.3e-308),
+]
+
+
+@pytest.mark.parametrize("lams", EXTREME_LAMS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_extreme_lambdas_match_a_40_digit_reference(lams, bias):
+    K, n = 4, 50
+    ref, p = _reference(K, n, lams, bias), T.predict(K, n, lams, bias=bias)
+    assert T.c_m(K, n, lams) == p.c
+    assert T.f_star(K, n, lams, bias=bias) == p.f_star
+    for key in ("c", "t_star", "f_star", "beta"):
+        assert getattr(p, key) == pytest.approx(float(ref[key]), rel=1e-12, abs=0), key
+    for key in ("factor_sq_norms", "gram_scale"):
+        np.testing.assert_allclose(getattr(p, key), [float(x) for x in ref[key]], rtol=1e-12, atol=0)
+    for key in ("w_coeff", "rho"):
+        want = ref[key]
+        assert getattr(p, key) == (None if want is None else pytest.approx(float(want), rel=1e-12, abs=0)), key
+    assert T.f_star_imbalanced([n] * K, lams, bias=bias) == pytest.approx(p.f_star, rel=1e-12)
+    txt = T.format_report(K, n, lams, bias=bias)
+    assert "inf" not in txt and "nan" not in txt
+    assert f"= {T._fixed(p.c)} " in txt and float(T._fixed(p.c)) == pytest.approx(p.c, rel=1e-8, abs=5e-9)  # not 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-290, 1e-100, 1e100, 1e290])
+def test_f_star_depends_on_the_product_of_lambdas_only(scale):
+    """c = K(nΛ)^{1/m}: moving a factor between λs changes neither c nor f*; ρ scales by 1/a."""
+    lams = (0.005, 0.02)
+    moved = (0.005 * scale, 0.02 / scale)
+    assert T.c_m(4, 50, moved) == pytest.approx(T.c_m(4, 50, lams), rel=1e-15)
+    assert T.f_star(4, 50, moved) == pytest.approx(T.f_star(4, 50, lams), rel=1e-15)
+    assert T.predict(4, 50, moved).rho == pytest.approx(T.predict(4, 50, lams).rho / scale, rel=1e-15)
+    deep = (0.005 * scale, 0.02 / scale, 0.01)
+    assert T.f_star(4, 50, deep) == pytest.approx(T.f_star(4, 50, (0.005, 0.02, 0.01)), rel=1e-14)
+
+
+def test_c_beyond_float64_is_an_error_but_f_star_answers():
+    lams = (1e308, 1e308)
+    with pytest.raises(ValueError, match=r"^lams: c_2 = .* ≈ 1e\d+ is beyond float64.*zero solution"):
+        T.c_m(10**6, 10**6, lams)
+    with pytest.raises(ValueError, match="^lams: c_2"):
+        T.predict(10**6, 10**6, lams)
+    with pytest.raises(ValueError, match="^lam_H: c = "):
+        T.c_value(10**6, 10**6, *lams)
+    assert T.f_star(10**6, 10**6, lams) == 0.5
+    assert T.f_star(10**6, 10**6, lams, bias=True) == pytest.approx((10**6 - 1) / (2 * 10**6), rel=1e-15)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lam", "1e-320", "1"], r"^nclab theory: error: lams\[0\]: 1e-320 is subnormal"),
+    (["--lam", "1", "0"], r"^nclab theory: error: lams\[1\]: must be > 0"),
+    (["--lam", "1e308", "1e308", "--K", "1000000", "--n", "1000000"], r"^nclab theory: error: lams: c_2"),
+])
+def test_cli_theory_bad_lambdas_are_one_line_errors(argv, match, capsys):
+    from nclab import cli
+
+    if "--K" not in argv:
+        argv = argv + ["--K", "4", "--n", "50"]
+    assert cli.main(["theory", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(match, err)
+
+
+@pytest.mark.parametrize("lam", ["1e-300 1e-300", "1e-320 1e-320", "1e300 1e300", "1e-300 1e-300 1e-300",
+                                 "1e300 1e-300", "1e-308 1e308"])
+def test_cli_theory_never_prints_inf_or_raises(lam, capsys):
+    from nclab import cli
+
+    rc = cli.main(["theory", "--K", "4", "--n", "50", "--lam", *lam.split()])
+    out, err = capsys.readouterr()
+    assert rc in (0, 2) and "inf" not in out and "nan" not in out
+    assert (rc == 0) == (not err) and len(err.splitlines()) <= 1
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: T.f_star(4, 50, (1e-320, LAM)), "lams[0]"),
+    (lambda: T.f_star(4, 50, (LAM, 5e-324)), "lams[1]"),
+    (lambda: T.f_star(4, 50, (10**400, LAM)), "lams[0]"),
+    (lambda: T.f_star(4, 10**400, (LAM, LAM)), "n"),
+    (lambda: T.f_star(4, 2**53 + 2, (LAM, LAM)), "n"),
+    (lambda: T.f_star(10**400, 50, (LAM, LAM)), "K"),
+    (lambda: T.f_star(True, 50, (LAM, LAM)), "K"),
+    (lambda: T.c_value(4, 50, 1e-320, LAM), "lam_H"),
+    (lambda: T.c_crit(10**400), "m"),
+    (lambda: T.t_star(3, 10**400), "c"),
+    (lambda: T.t_star(3, math.inf), "c"),
+    (lambda: T.phi(3, 0.1, -1.0), "t"),
+    (lambda: T.phi(3, 0.1, [0.5, math.nan]), "t"),
+    (lambda: T.phi(2, 1e308, 1e10), "t"),
+    (lambda: T.scalar_shrinkage([1.0], 0, 1e-4, 2), "N"),
+    (lambda: T.scalar_shrinkage([1.0], 1e-320, 1e-4, 2), "N"),
+    (lambda: T.scalar_shrinkage([1.0], 10, 1e-320, 2), "Lam"),
+    (lambda: T.scalar_shrinkage(["a"], 10, 1e-4, 2), "sigma"),
+    (lambda: T.scalar_shrinkage([1e300], 1e-300, 1e300, 2), "sigma"),
+    (lambda: T.f_star_imbalanced([2**54, 3], (LAM, LAM)), "class_counts"),
+    (lambda: T.predicted_gram(10**8, 50, (1e-30, 1e-30)), "K"),
+    (lambda: T.predict(2**52, 1, (1e-300, 1e-300), bias=True), "K"),
+])
+def test_bad_or_unrepresentable_inputs(call, name):
+    with pytest.raises(ValueError) as exc:
+        call()
+    assert str(exc.value).startswith(name + ":") and len(str(exc.value).splitlines()) == 1
+
+
+def test_tiny_and_huge_scalar_arguments_are_answered():
+    assert T.t_star(3, 5e-324) == 1.0  # brentq's bracket would underflow; t* = 1 − c
+    assert T.t_star(3, 1e-30) == 1.0 and T.t_star(4, 1e300) == 0.0
+    sigma, N, Lam = 1e200, 10.0, 1e-4  # c = N√Λ/σ: soft thresholding, value σ√Λ − NΛ/2
+    s, val = T.scalar_shrinkage(sigma, N, Lam, 2)
+    assert s == pytest.approx(sigma - N * math.sqrt(Lam), rel=1e-15)
+    assert val == pytest.approx(sigma * math.sqrt(Lam) - N * Lam / 2, rel=1e-14)
+    s, val = T.scalar_shrinkage(5e-324, N, Lam, 3)  # c overflows: t* = 0
+    assert s == 0.0 and val == 0.0
+    s, val = T.scalar_shrinkage(1e300, 1e-300, 1.0, 2)  # c = 1e-600 underflows; the value does not
+    assert s == 1e300 and val == pytest.approx(1e300, rel=1e-15)
+    assert T.phi(3, 0.0, 0.0) == 0.5

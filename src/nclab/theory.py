@@ -26,13 +26,21 @@ the problem splits into one scalar problem per singular value σ of the targets
 Balanced classes give σ = √n and c = c_m = K (nΛ)^{1/m} (c = K√(nλ_Hλ_W) for m = 2).
 The widths must be at least the rank of the targets (d ≥ K, or d ≥ K − 1 with bias);
 see :func:`check_width`.
+
+Numerics: products of λs (Λ = 1e-300⁴ underflows, 1e300² overflows) are formed as a float
+mantissa times a separate integer power of two (:class:`_Wide`), and m-th roots split that
+exponent exactly, so c, f*, t* and the predicted norms are correct for every λ in float64's
+normal range (2.2e-308 .. 1.8e308). Subnormal λs (which keep too few digits) are rejected;
+a result beyond float64's range is a ValueError naming ``lams``, never inf (c itself may
+be +inf internally: then t* = 0, the zero solution).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.optimize import brentq
@@ -55,41 +63,64 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- validation
+#: counts (K, n, n_k) above 2^53 are not exact integers in float64
+MAX_COUNT = 2**53
+
+#: the smallest normal float64; below it a λ keeps too few significant digits
+TINY = sys.float_info.min
+
+
+def _float(x) -> float | None:
+    """A real number (not bool) as a finite float, else None (also for ints beyond float64)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _check_K(K) -> int:
-    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 2:
-        raise ValueError(f"K: the number of classes must be an integer >= 2 (got {K!r})")
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or not 2 <= K <= MAX_COUNT:
+        raise ValueError(f"K: the number of classes must be an integer in 2..2^53 (got {K!r})")
     return int(K)
 
 
 def _check_n(n) -> float:
-    bad = isinstance(n, bool) or not isinstance(n, numbers.Real)
-    if bad or not math.isfinite(n) or n < 1 or float(n) != int(n):
-        raise ValueError(f"n: the samples per class must be an integer >= 1 (got {n!r})")
-    return float(n)
+    x = _float(n)
+    if x is None or not 1 <= x <= MAX_COUNT or x != int(x):
+        raise ValueError(f"n: the samples per class must be an integer in 1..2^53 (got {n!r})")
+    return x
 
 
 def _check_m(m) -> int:
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 2:
-        raise ValueError(f"m: the number of factors must be an integer >= 2 (got {m!r}); "
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 2 <= m <= MAX_COUNT:
+        raise ValueError(f"m: the number of factors must be an integer in 2..2^53 (got {m!r}); "
                          "m = 2 is the plain UFM (H, W), m = 3 the extended UFM")
     return int(m)
 
 
 def _check_c(c) -> float:
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (c >= 0) or math.isinf(c):
+    x = _float(c)
+    if x is None or not x >= 0:
         raise ValueError(f"c: must be a finite real number >= 0 (got {c!r})")
-    return float(c)
+    return x
 
 
 def _check_lam(lam, name: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+    x = _float(lam)
+    if x is None:
         raise ValueError(f"{name}: must be a finite positive real number (got {lam!r})")
-    if lam <= 0:
+    if x <= 0:
         raise ValueError(
             f"{name}: must be > 0 (got {lam!r}); with a zero regularisation the infimum is "
             "attained by any interpolating factorisation (or not at all), so the theorem's "
             "unique structure is undefined -- pass a small positive value instead")
-    return float(lam)
+    if x < TINY:
+        raise ValueError(f"{name}: {lam!r} is subnormal (below {TINY:.4g}, the smallest normal "
+                         "float64) and keeps too few significant digits; pass a value >= 2.3e-308")
+    return x
 
 
 def _check_lams(lams) -> tuple[float, ...]:
@@ -112,10 +143,84 @@ def _check_counts(class_counts) -> np.ndarray:
         ok = bool(np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
     elif ok:
         ok = arr.dtype.kind in "iu"
-    if not ok or np.any(arr < 1):
-        raise ValueError("class_counts: expected a 1-D sequence of at least 2 positive "
-                         f"integers, one per class (got {class_counts!r})")
+    if not ok or np.any(arr < 1) or np.any(arr > MAX_COUNT):
+        raise ValueError("class_counts: expected a 1-D sequence of at least 2 integers in "
+                         f"1..2^53, one per class (got {class_counts!r})")
     return arr.astype(np.float64)
+
+
+def _check_fits(nbytes: int, name: str, what: str) -> None:
+    """Raise ValueError naming ``name`` when ``nbytes`` exceed this machine's memory."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf: assume 1 TiB
+        have = 1 << 40
+    if nbytes > have:
+        raise ValueError(f"{name}: {what} would need about {nbytes / 2**30:.3g} GiB of memory, "
+                         f"more than the {have / 2**30:.3g} GiB this machine has")
+
+
+# --------------------------------------------------------------------------- wide numbers
+@dataclass(frozen=True)
+class _Wide:
+    """x = f · 2^e with a float f (1/2 <= f < 1, or 0) and an unbounded int e (x >= 0).
+
+    Products, quotients and m-th roots of λs, n and σ never overflow or underflow here;
+    each step rounds f once, as the plain float operation would. ``float(x)`` is exact
+    or the nearest float64, and +inf beyond float64's range (see :func:`_finite`).
+    """
+
+    f: float
+    e: int
+
+    @staticmethod
+    def of(x: float) -> "_Wide":
+        return _Wide(*math.frexp(x))
+
+    def __mul__(self, other: "_Wide") -> "_Wide":
+        f, e = math.frexp(self.f * other.f)
+        return _Wide(f, self.e + other.e + e)
+
+    def __truediv__(self, other: "_Wide") -> "_Wide":
+        f, e = math.frexp(self.f / other.f)
+        return _Wide(f, self.e - other.e + e)
+
+    def root(self, m: int) -> "_Wide":
+        """x^{1/m}: with e = q m + r (0 <= r < m), (f 2^r)^{1/m} · 2^q, the exponent split exactly."""
+        q, r = divmod(self.e, m)
+        if m == 2:
+            g = math.sqrt(math.ldexp(self.f, r))  # correctly rounded, as math.sqrt(x) is
+        elif r < 1000:
+            g = math.ldexp(self.f, r) ** (1.0 / m)
+        else:  # f 2^r itself would overflow
+            g = self.f ** (1.0 / m) * 2.0 ** (r / m)
+        f, e = math.frexp(g)
+        return _Wide(f, q + e)
+
+    def __float__(self) -> float:
+        try:
+            return math.ldexp(self.f, self.e)
+        except OverflowError:
+            return math.inf
+
+    def log10(self) -> float:
+        return (math.log2(self.f) + self.e) * math.log10(2) if self.f else -math.inf
+
+
+def _product(xs) -> _Wide:
+    out = _Wide.of(1.0)
+    for x in xs:
+        out = out * _Wide.of(x)
+    return out
+
+
+def _finite(x: _Wide, name: str, what: str, why: str = "") -> float:
+    """float(x), or a ValueError naming ``name`` when ``what`` exceeds float64."""
+    v = float(x)
+    if math.isinf(v):
+        raise ValueError(f"{name}: {what} ≈ 1e{x.log10():.0f} is beyond float64's range "
+                         f"(1.8e308) for these λs, K and n{why}")
+    return v
 
 
 def check_width(d, K, bias: bool = False) -> None:
@@ -135,25 +240,30 @@ def c_value(K, n, lam_H, lam_W) -> float:
     """Plain-UFM constant c = K √(n λ_H λ_W) (THEORY §3.1)."""
     K, n = _check_K(K), _check_n(n)
     lam_H, lam_W = _check_lam(lam_H, "lam_H"), _check_lam(lam_W, "lam_W")
-    return K * math.sqrt(n * lam_H * lam_W)
+    return _finite(_c_wide(K, n, (lam_H, lam_W)), "lam_H", "c = K√(nλ_Hλ_W)",
+                   "; far above c_crit = 1, so the optimum is the zero solution")
 
 
-def _prod(lams: Sequence[float]) -> float:
-    return math.prod(lams)
+def _c_wide(K: int, n: float, lams: tuple[float, ...]) -> _Wide:
+    """c_m = K (nΛ)^{1/m}, formed without overflow or underflow."""
+    return _Wide.of(K) * _product((n, *lams)).root(len(lams))
 
 
 def _c_m(K: int, n: float, lams: tuple[float, ...]) -> float:
-    m = len(lams)
-    if m == 2:
-        return K * math.sqrt(n * lams[0] * lams[1])
-    return K * (n * _prod(lams)) ** (1.0 / m)
+    """c_m as a float, +inf beyond float64 (then t* = 0: the zero solution)."""
+    return float(_c_wide(K, n, lams))
 
 
 def c_m(K, n, lams) -> float:
     """Depth-m constant c_m = K (nΛ)^{1/m}, Λ = Π λ_i, m = len(lams) (THEORY §3.3).
 
     For m = 2 this equals :func:`c_value` (computed as K √(nΛ))."""
-    return _c_m(_check_K(K), _check_n(n), _check_lams(lams))
+    K, n, lams = _check_K(K), _check_n(n), _check_lams(lams)
+    c = float(_c_wide(K, n, lams))
+    if math.isinf(c):  # f_star still answers: t* = 0, the zero solution
+        _finite(_c_wide(K, n, lams), "lams", f"c_{len(lams)} = K(nΛ)^(1/m)",
+                "; far above c_crit, so the optimum is the zero solution (f_star gives its value)")
+    return c
 
 
 def c_crit(m) -> float:
@@ -170,15 +280,20 @@ def phi(m, c, t):
     """φ_m(t; c) = ½ (t − 1)² + (m/2) c t^{2/m} (vectorised in t, t ≥ 0)."""
     m, c = _check_m(m), _check_c(c)
     t = np.asarray(t, dtype=np.float64)
-    out = 0.5 * (t - 1.0) ** 2 + 0.5 * m * c * t ** (2.0 / m)
+    if not np.all(t >= 0) or not np.all(np.isfinite(t)):
+        raise ValueError("t: must be finite and >= 0 (φ_m uses t^{2/m})")
+    with np.errstate(over="ignore"):
+        out = 0.5 * (t - 1.0) ** 2 + 0.5 * m * c * t ** (2.0 / m)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("t: φ_m(t; c) exceeds float64's range (1.8e308) for these t and c")
     return float(out) if out.ndim == 0 else out
 
 
 def _t_star(m: int, c: float) -> float:
     if m == 2:
         return max(1.0 - c, 0.0)
-    if c == 0.0:
-        return 1.0
+    if c < 2.0**-60:  # t* = 1 − c + O(c²): exact in float64 (and brentq's bracket would underflow)
+        return 1.0 - c
     if c >= c_crit(m):
         return 0.0
     p = (2.0 - m) / m
@@ -209,22 +324,40 @@ def scalar_shrinkage(sigma, N, Lam, m):
     as arrays of σ's shape (floats for a scalar σ).
     """
     m = _check_m(m)
-    if isinstance(N, bool) or not isinstance(N, numbers.Real) or not (N > 0) or math.isinf(N):
-        raise ValueError(f"N: the total number of samples must be > 0 (got {N!r})")
+    x = _float(N)
+    if x is None or not x >= TINY:
+        raise ValueError(f"N: the total number of samples must be a finite number > 0 (got {N!r})")
     Lam = _check_lam(Lam, "Lam")
-    sig = np.asarray(sigma, dtype=np.float64)
+    try:
+        sig = np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma: expected singular values as numbers (got {sigma!r})") from None
     if not np.all(np.isfinite(sig)) or np.any(sig < 0):
         raise ValueError("sigma: singular values must be finite and >= 0")
+    return _shrinkage(sig, x, _Wide.of(Lam).root(m), m)
+
+
+def _shrinkage(sig: np.ndarray, N: float, root: _Wide, m: int):
+    """:func:`scalar_shrinkage` with root = Λ^{1/m}.
+
+    c = N Λ^{1/m} (σ²)^{1/m} / σ² may over- or underflow (t* is right either way); the value
+    is then the objective itself at s = σ t*, (σ − s)²/(2N) + (m/2) Λ^{1/m} (s²)^{1/m}, a sum
+    of two non-negative terms that never involves c.
+    """
     s, val = np.zeros_like(sig), np.zeros_like(sig)
-    root = math.sqrt(Lam) if m == 2 else Lam ** (1.0 / m)
     for idx in np.ndindex(sig.shape):
         if sig[idx] == 0.0:
             continue
         sg = float(sig[idx])
-        c = N * root * sg ** (2.0 / m - 2.0)
-        t = _t_star(m, c)
+        sq = _Wide.of(sg) * _Wide.of(sg)
+        t = _t_star(m, float(_Wide.of(N) * root * sq.root(m) / sq))  # c = +inf: t* = 0
         s[idx] = sg * t
-        val[idx] = (sg * sg / N) * (0.5 if t == 0.0 else _phi(m, c, t))
+        miss, kept = _Wide.of(sg) * _Wide.of(1.0 - t), _Wide.of(sg) * _Wide.of(t)  # σ − s, s
+        fit = miss * miss / _Wide.of(N) * _Wide.of(0.5)
+        penalty = _Wide.of(m / 2) * root * (kept * kept).root(m)
+        val[idx] = _finite(fit, "sigma", "(σ − s)²/(2N)") + _finite(penalty, "sigma", "(m/2)Λ^{1/m}s^{2/m}")
+        if math.isinf(val[idx]):
+            raise ValueError("sigma: the optimal value exceeds float64's range (1.8e308)")
     if sig.ndim == 0:
         return float(s), float(val)
     return s, val
@@ -282,8 +415,10 @@ def f_star_imbalanced(class_counts, lams, bias: bool = False) -> float:
     """
     counts, lams = _check_counts(class_counts), _check_lams(lams)
     m = len(lams)
+    if bias:
+        _check_fits(3 * 8 * len(counts) ** 2, "class_counts", f"the {len(counts)}² eigenproblem of Y P")
     sig = _target_singular_values(counts, bias)
-    _, val = scalar_shrinkage(sig, float(counts.sum()), _prod(lams), m)
+    _, val = _shrinkage(sig, float(counts.sum()), _product(lams).root(m), m)
     return float(np.sum(val))
 
 
@@ -335,33 +470,48 @@ def predict(K, n, lams, bias: bool = False) -> Prediction:
     """
     K, n, lams = _check_K(K), _check_n(n), _check_lams(lams)
     bias = bool(bias)
+    if bias:
+        _check_fits(16 * K, "K", f"b* = (1/K)1 for K = {K} classes")
     m = len(lams)
-    c = _c_m(K, n, lams)
+    c = c_m(K, n, lams)
     t = _t_star(m, c)
-    Lam = _prod(lams)
-    beta = math.sqrt(Lam * n) * t if m == 2 else Lam ** (1.0 / m) * (math.sqrt(n) * t) ** (2.0 / m)
-    r = K - 1 if bias else K
-    gram, cum = [], 1.0
-    for l in range(1, m):
-        cum *= lams[l - 1]
-        gram.append(beta ** l / (n * cum))
+    beta = _beta(n, lams, t)
+    r = _Wide.of(K - 1 if bias else K)
+    gram = [beta_l / (_Wide.of(n) * _product(lams[:l])) for l, beta_l in enumerate(_powers(beta, m - 1), 1)]
     diag = (K - 1) / K if bias else 1.0
     zero = t == 0.0
+    g = [_finite(x, "lams", f"the level-{l} Gram scale g_{l}") for l, x in enumerate(gram, 1)]
     return Prediction(
         K=K, n=n, lams=lams, bias=bias, m=m, c=c, c_crit=c_crit(m), t_star=t,
-        f_star=f_star(K, n, lams, bias=bias), collapsed_to_zero=zero, beta=beta,
-        factor_sq_norms=tuple(r * beta / lam for lam in lams),
-        mean_sq_norms=tuple(g * diag for g in gram), gram_scale=tuple(gram),
-        end_to_end=t, lam_sq_norm=r * beta,
-        w_coeff=None if zero else t / gram[-1],
+        f_star=f_star(K, n, lams, bias=bias), collapsed_to_zero=zero, beta=float(beta),
+        factor_sq_norms=tuple(_finite(r * beta / _Wide.of(lam), "lams", f"‖A_{i}‖²")
+                              for i, lam in enumerate(lams, 1)),
+        mean_sq_norms=tuple(x * diag for x in g), gram_scale=tuple(g),
+        end_to_end=t, lam_sq_norm=float(r * beta),
+        w_coeff=None if zero else _finite(_Wide.of(t) / gram[-1], "lams", "κ = t*/g_{m-1}"),
         rho=_rho(c, n, lams) if m == 2 else None,
         b_star=tuple([1.0 / K] * K) if bias else None,
     )
 
 
+def _beta(n: float, lams: tuple[float, ...], t: float) -> _Wide:
+    """β = (nΛ)^{1/m} t^{2/m} = Λ^{1/m} (√n t)^{2/m} (≤ c/K ≤ 1/K, so never overflows)."""
+    m = len(lams)
+    return _product((n, *lams)).root(m) * _Wide.of(t if m == 2 else t ** (2.0 / m))
+
+
+def _powers(x: _Wide, count: int) -> list[_Wide]:
+    """[x, x², ..., x^count]."""
+    out = [x]
+    while len(out) < count:
+        out.append(out[-1] * x)
+    return out
+
+
 def _rho(c: float, n: float, lams: tuple[float, ...]) -> float:
     """ρ = (1 − c)√(λ_W/(nλ_H)) for c ≤ 1, else 0 (m = 2, lams = (λ_H, λ_W))."""
-    return max(1.0 - c, 0.0) * math.sqrt(lams[1] / (n * lams[0]))
+    ratio = (_Wide.of(lams[1]) / (_Wide.of(n) * _Wide.of(lams[0]))).root(2)
+    return _finite(_Wide.of(max(1.0 - c, 0.0)) * ratio, "lams", "ρ = (1 − c)√(λ_W/(nλ_H))")
 
 
 def predicted_gram(K, n, lams, bias: bool = False, level: int = 1) -> np.ndarray:
@@ -374,6 +524,7 @@ def predicted_gram(K, n, lams, bias: bool = False, level: int = 1) -> np.ndarray
     if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 1 <= level < p.m:
         raise ValueError(f"level: must be an integer feature level in 1..{p.m - 1} "
                          f"(1 = H1) for m = {p.m} factors (got {level!r})")
+    _check_fits(3 * 8 * p.K**2, "K", f"the {p.K} x {p.K} Gram")
     g = p.gram_scale[level - 1]
     eye = np.eye(p.K)
     return g * (eye - np.full((p.K, p.K), 1.0 / p.K)) if p.bias else g * eye
@@ -382,6 +533,12 @@ def predicted_gram(K, n, lams, bias: bool = False, level: int = 1) -> np.ndarray
 # --------------------------------------------------------------------------- report
 def _factor_names(m: int) -> list[str]:
     return ["H1"] + [f"W{i}" for i in range(1, m)] if m > 2 else ["H", "W"]
+
+
+def _fixed(x: float) -> str:
+    """8 decimals for ordinary values; 8 significant digits for tiny or huge ones (a c of
+    1e-300 must not print as 0.00000000, nor one of 1e300 as 301 digits)."""
+    return f"{x:.8f}" if x == 0 or 1e-4 <= abs(x) < 1e8 else f"{x:.8e}"
 
 
 def format_report(K, n, lams, bias: bool = False) -> str:
@@ -395,9 +552,9 @@ def format_report(K, n, lams, bias: bool = False) -> str:
         f"Model: {kind}, m = {p.m} factors, K = {p.K}, n = {p.n:g}, N = {p.K * p.n:g}, "
         f"{'unregularised bias' if p.bias else 'no bias'}",
         f"  λ (H1 first): {lam_s}",
-        f"  {cname} = {p.c:.8f}    c_crit = {p.c_crit:.8f}"
+        f"  {cname} = {_fixed(p.c)}    c_crit = {_fixed(p.c_crit)}"
         + ("" if p.m == 2 else "  (transition is discontinuous; 0 is always a local min)"),
-        f"  t* = {p.t_star:.8f}    f* = {p.f_star:.8f}",
+        f"  t* = {_fixed(p.t_star)}    f* = {_fixed(p.f_star)}",
     ]
     if p.collapsed_to_zero:
         lines.append("  Optimum: ZERO solution (c >= c_crit): all factors vanish"
