@@ -219,3 +219,18 @@ def test_feature_files_with_lists_or_tensors_become_numpy_arrays(tmp_path, entri
     assert all(type(v) is np.ndarray for v in data.values())
     assert (str(data["features"].dtype), str(data["labels"].dtype)) == dtypes
     assert data["labels"].max() == 1  # what the CLI prints needs arrays, not lists
+
+
+@pytest.mark.parametrize("features, error, match", [
+    (np.array([["a", "b"]] * 9), TypeError, r"^features: numpy dtype <U1 is not numeric"),
+    (np.full((9, 2), np.datetime64("2020-01-01")), TypeError, r"^features: numpy dtype datetime64"),
+    (np.zeros((9, 2), dtype=np.uint64), TypeError, r"^features: expected real numbers"),
+])
+def test_non_numeric_numpy_dtypes_are_named(features, error, match):
+    with pytest.raises(error, match=match):
+        measure(features, np.repeat(np.arange(3), 3))
+
+
+def test_big_endian_arrays_are_read():
+    H, y, W = _good()
+    assert measure(H.astype(">f8"), y.astype(">i8"), W.astype(">f4")) == measure(H, y, W.astype(np.float32))

@@ -28,6 +28,10 @@ def to_tensor(x, name: str, *, device=None) -> torch.Tensor:
     elif isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{name}: got a numpy array of Python objects; pass a numeric array")
+        if x.dtype.kind not in "biufc":
+            raise TypeError(f"{name}: numpy dtype {x.dtype} is not numeric; pass numbers (e.g. float32/float64)")
+        if not x.dtype.isnative:  # big-endian data, e.g. from another machine's file
+            x = x.astype(x.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, (list, tuple)):
         try:
