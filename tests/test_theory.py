@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import minimize, minimize_scalar
 
 from nclab import theory as T
@@ -587,3 +589,24 @@ def test_tiny_and_huge_scalar_arguments_are_answered():
     s, val = T.scalar_shrinkage(1e300, 1e-300, 1.0, 2)  # c = 1e-600 underflows; the value does not
     assert s == 1e300 and val == pytest.approx(1e300, rel=1e-15)
     assert T.phi(3, 0.0, 0.0) == 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-307.5, 308.2), min_size=2, max_size=5), st.integers(2, 10**6),
+       st.integers(1, 10**9), st.booleans())
+def test_any_normal_lambdas_give_finite_answers_or_a_named_error(log_lams, K, n, bias):
+    """Whatever the λs in float64's normal range: a finite prediction, or a one-line
+    ValueError naming lams (a result beyond 1.8e308); never inf, NaN or another exception."""
+    lams = tuple(10.0**x for x in log_lams)
+    try:
+        p = T.predict(K, n, lams, bias=bias)
+    except ValueError as exc:
+        assert str(exc).startswith("lams: ") and "beyond float64" in str(exc)
+        if str(exc).startswith("lams: c_"):  # c overflows: far above c_crit, the zero solution
+            assert T.f_star(K, n, lams, bias=bias) == ((K - 1) / K * 0.5 if bias else 0.5)
+        return
+    values = [p.c, p.t_star, p.f_star, p.beta, p.lam_sq_norm, *p.factor_sq_norms, *p.gram_scale,
+              *(v for v in (p.w_coeff, p.rho) if v is not None)]
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert 0 < p.f_star <= 0.5 and 0 <= p.t_star <= 1
+    assert p.c == pytest.approx(K * math.exp((math.log(n) + sum(map(math.log, lams))) / len(lams)), rel=1e-9)
