@@ -38,6 +38,9 @@ def test_reproduce_writes_every_documented_file(fig3_run):
     for level in ("H1", "H2"):
         assert set(LEVEL_FIELDS) - {"nc1_trace"} <= set(s["levels"][level])
     assert C.load(d / "config.toml").solver.steps == 2000
+    assert s["verdict"] in ("optimal", "stationary", "not_converged") and s["verdict_line"].startswith(
+        s["verdict"].replace("_", " "))
+    assert s["zero_singular_values"] == [] and s["stationary_value"] is not None
 
 
 def test_figure_is_a_readable_png(fig3_run):
@@ -54,6 +57,7 @@ def test_config_round_trip_reproduces_numbers_exactly(fig3_run, tmp_path):
 def test_report_lists_experiments_and_quick_reproduce_covers_all(tmp_path):
     assert main(["reproduce", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
     text = (tmp_path / "report.md").read_text()
+    assert text.count("Smoke run (--quick)") == len(C.builtin_names()) + 1 and "**Verdict: " in text
     for name in C.builtin_names():
         assert f"## {name}:" in text and f"({name}/figure.png)" in text
         assert (tmp_path / name / "summary.json").is_file()
@@ -116,3 +120,16 @@ def test_failed_reproduce_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["reproduce", "ufm", "--device", "cuda", "--out", str(out), "--quiet"]) == 2
     assert "CUDA" in capsys.readouterr().err and not out.exists()
+
+
+def test_run_of_the_stuck_imbalanced_example_is_labelled_stationary(tmp_path):
+    """Class sizes (5, 20, 60, 115), all λ = 0.005, init std 0.1: the smallest class ends at zero."""
+    cfg = tmp_path / "stuck.toml"
+    cfg.write_text('name = "stuck"\n[model]\nK = 4\nn = [5, 20, 60, 115]\ndims = [20, 20]\n'
+                   'lams = [0.005, 0.005, 0.005]\n[solver]\nsteps = 15000\nlog_every = 500\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["verdict"] == "stationary" and [z["class"] for z in s["zero_singular_values"]] == [0]
+    assert s["objective"] == pytest.approx(s["stationary_value"], rel=1e-4)
+    assert s["stationary_value"] > s["objective_optimal"]
+

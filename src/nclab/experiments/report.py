@@ -33,6 +33,9 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
              + (f", best of {len(summary['restart_objectives'])} restarts "
                 f"(final objectives {', '.join(f'{v:.8g}' for v in summary['restart_objectives'])})"
                 if len(summary["restart_objectives"]) > 1 else "") + ".", "",
+             f"**Verdict: {summary['verdict_line']}.**"
+             + (" Restarts: " + "; ".join(f"{i}: {line}" for i, line in enumerate(summary["restart_verdicts"]))
+                + "." if len(summary["restart_verdicts"]) > 1 else ""), "",
              f"![{summary['name']}]({rel_dir}/figure.png)  ", f"[pdf]({rel_dir}/figure.pdf) · "
              f"[metrics.csv]({rel_dir}/metrics.csv) · [summary.json]({rel_dir}/summary.json) · "
              f"[config.toml]({rel_dir}/config.toml)", "",
@@ -40,7 +43,12 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
              f"| final objective | {_fmt_objective(summary['objective'])} | "
              f"{_fmt_objective(summary['objective_optimal'])} |",
              f"| gap f − f* (relative) | {_fmt(summary['gap'])} ({_fmt(summary['relative_gap'])}) | "
-             f"{'—' if summary['objective_optimal'] is None else '0'} |"]
+             f"{'—' if summary['objective_optimal'] is None else '0'} |",
+             f"| verdict | {summary['verdict']} | "
+             f"{'optimal' if summary['objective_optimal'] is not None else 'stationary (no exact f*)'} |"]
+    if summary.get("stationary_value") is not None and summary["verdict"] == "stationary":
+        lines.append(f"| objective of the stationary point GD found | {_fmt_objective(summary['objective'])} | "
+                     f"{_fmt_objective(summary['stationary_value'])} |")
     zero_opt = th.get("collapsed_to_zero", False)
     for level, m in summary["levels"].items():
         no_structure = relu and level == "H1"

@@ -17,6 +17,7 @@ from nclab.experiments.config import UFMRun
 from nclab.metrics import class_means_t
 from nclab.plots import save_figure, ufm_figure
 from nclab.rundir import Folder
+from nclab.ufm.verdict import verdict_line, verdicts
 from nclab.ufm.solve import LEVEL_METRICS
 
 LEVEL_COLUMNS = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3") + LEVEL_METRICS[5:]
@@ -52,7 +53,10 @@ def _rows(result, best, frame) -> list[dict]:
 
 
 def _summary(run: UFMRun, result, best, frame) -> dict:
+    """summary.json: the best restart's values, the theory's, and every restart's verdict."""
     model, f_star = run.model, result.f_star[best]
+    every = verdicts(result)
+    best_verdict = every[best]
     obj = float(result.final("objective")[best])
     levels = {}
     for l in range(1, model.L + 1):
@@ -67,7 +71,11 @@ def _summary(run: UFMRun, result, best, frame) -> dict:
         "gap": None if math.isnan(f_star) else obj - float(f_star),
         "relative_gap": None if math.isnan(f_star) or f_star == 0 else (obj - float(f_star)) / float(f_star),
         "expected_frame": frame, "iterations": result.iterations, "seconds": round(result.seconds, 3),
+        "verdict": best_verdict["verdict"], "verdict_line": verdict_line(best_verdict),
+        "zero_singular_values": best_verdict["zero_singular_values"],
+        "stationary_value": best_verdict["stationary_value"], "verdict_details": best_verdict,
         "best_restart": best, "restart_objectives": [float(v) for v in result.final("objective")],
+        "restart_verdicts": [verdict_line(v) for v in every],
         "levels": levels, "factor_sq_norms": {k: float(np.sum(v[best] ** 2)) for k, v in result.params.items()},
         "theory": _theory(model),
     }
@@ -103,10 +111,7 @@ def _write_outputs(folder: Folder, run: UFMRun, rows, summary, frame) -> None:
     folder.write_csv("metrics.csv", rows)
     folder.write_json("summary.json", summary)
     history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    rel = summary["relative_gap"]
-    title = (f"{summary['title']}  |  final (f - f*)/f*: "
-             + (f"{rel:.2e}" if rel is not None else "n/a (no closed form)" if summary["gap"] is None
-                else f"n/a (f* = 0; f = {summary['objective']:.2e})")
+    title = (f"{summary['title']}  |  {summary['verdict_line']}"
              + (f"  |  best of {run.solver.restarts} restarts" if run.solver.restarts > 1 else ""))
     levels = [f"H{l}" for l in range(1, run.model.L + 1)]
     save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), "figure", folder)

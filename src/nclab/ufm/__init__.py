@@ -9,6 +9,8 @@ from nclab.ufm.engine import gradients, initial_parameters, objective, smoothnes
 from nclab.ufm.gd import GD
 from nclab.ufm.model import UFM, extended, plain
 from nclab.ufm.solve import DivergenceError, Result, optimal_objective, solve, suggest_lr
+from nclab.ufm.verdict import verdict_line, verdicts  # the module nclab.ufm.verdict has verdict()
 
 __all__ = ["GD", "UFM", "DivergenceError", "Result", "extended", "gradients", "initial_parameters",
-           "objective", "optimal_objective", "plain", "smoothness_estimate", "solve", "suggest_lr"]
+           "objective", "optimal_objective", "plain", "smoothness_estimate", "solve", "suggest_lr",
+           "verdict_line", "verdicts"]
