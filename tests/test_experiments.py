@@ -133,3 +133,17 @@ def test_run_of_the_stuck_imbalanced_example_is_labelled_stationary(tmp_path):
     assert s["objective"] == pytest.approx(s["stationary_value"], rel=1e-4)
     assert s["stationary_value"] > s["objective_optimal"]
 
+
+
+def test_ufm_commands_never_import_the_network_code(tmp_path):
+    """The registry imports the network code only when a network experiment runs."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from nclab.cli import main; "
+              f"assert main(['reproduce', 'ufm', '--iterations', '20', '--out', {str(tmp_path / 'o')!r}, '--quiet']) == 0; "
+              "print(sorted(m for m in sys.modules if m.startswith('nclab.nets.') and m != 'nclab.nets.settings' "
+              "and m != 'nclab.nets.cli'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

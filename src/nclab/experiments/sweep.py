@@ -15,7 +15,6 @@ import torch
 
 from nclab import theory, ufm
 from nclab.metrics import class_means_t
-from nclab.plots import save_figure, sweep_figure
 from nclab.rundir import Folder
 from nclab.settings import PAPER, Settings, at_least, check_device, positive, setting
 
@@ -87,6 +86,8 @@ def end_to_end_scale(result) -> np.ndarray:
 
 
 def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -> dict:
+    from nclab.plots import save_figure, sweep_figure  # matplotlib: only when a sweep is drawn
+
     last = f"H{model.L}"
     levels = [f"H{l}" for l in range(1, model.L + 1)]
     t_end = [end_to_end_scale(r) for r in results]

@@ -14,10 +14,20 @@
   ``report_markdown``.
 * :mod:`nclab.nets.cli`: the ``nclab train`` command.
 """
-from nclab.nets.experiment import NETWORK_EXPERIMENTS, report_markdown, run_network_experiment
-from nclab.nets.probe import measure_layers, record_features
-from nclab.nets.settings import TrainSettings
-from nclab.nets.train import train
+import importlib
+
+#: public name -> the module that defines it; imported on first use, so that reading the
+#: settings (the ``nclab`` command's flags) does not load the network code and torch
+_WHERE = {"NETWORK_EXPERIMENTS": "experiment", "report_markdown": "experiment",
+          "run_network_experiment": "experiment", "measure_layers": "probe", "record_features": "probe",
+          "TrainSettings": "settings", "train": "train"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"nclab.nets.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'nclab.nets' has no attribute {name!r}")
+
 
 __all__ = ["NETWORK_EXPERIMENTS", "TrainSettings", "measure_layers", "record_features", "report_markdown",
            "run_network_experiment", "train"]

@@ -27,8 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-MODELS = ("resnet18", "mlp")
-STEMS = ("small", "imagenet")
+from nclab.nets.settings import MODELS, STEMS
 
 
 class BasicBlock(nn.Module):

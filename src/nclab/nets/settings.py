@@ -17,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nclab.nets.data import DATASETS
-from nclab.nets.models import MODELS, STEMS
 from nclab.settings import (PAPER, Settings, SettingsError, at_least, check_device, fraction, non_negative,
                             positive, setting)
 
+#: the choices of the data set, the network and its stem (the loaders and builders check the same)
+DATASETS = ("digits", "mnist", "cifar10")
+MODELS = ("resnet18", "mlp")
+STEMS = ("small", "imagenet")
 LOSSES = ("mse", "mse_torch", "ce")
 #: classes of every built-in data set (the K of the loss scaling)
 CLASSES = PAPER["net_classes"]
