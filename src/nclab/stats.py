@@ -44,6 +44,11 @@ class ClassStats:
     Args:
         num_classes: K. dim: d. full: keep the d x d scatter (needed for ``nc1``).
         device: where the statistics live (float64).
+    Raises:
+        ValueError naming ``num_classes`` when :meth:`memory_bytes` exceeds the device's
+        memory (before allocating); in :meth:`update`, naming ``features`` for float64
+        batches beyond 2^±MOMENT_EXP, whose squares would leave float64 (the error says
+        which power of two to multiply by: every metric is scale-invariant).
     """
 
     def __init__(self, num_classes: int, dim: int, *, full: bool = True, device=None):
