@@ -229,3 +229,26 @@ def test_train_into_a_users_folder_is_refused(scratch, capsys):
 def test_failed_network_reproduce_leaves_nothing_to_block_the_corrected_command(scratch, capsys):
     fails_cleanly(["reproduce", "fig5", "--data", scratch / "nonexistent", "--out", "o"], capsys, "MNIST")
     assert not (scratch / "o").exists()
+
+
+def test_kill_9_mid_run_leaves_nothing_that_blocks_a_plain_rerun(scratch):
+    """A run killed before any result: the next plain run in the same folder just works."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (scratch / "long.toml").write_text(UFM_TOML.replace("steps = ", "steps = 10000000 # "))
+    proc = subprocess.Popen([sys.executable, "-m", "nclab", "run", "long.toml", "--out", "o", "--quiet"],
+                            cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (scratch / "o" / "config.toml").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (scratch / "o" / "config.toml").exists()  # the killed run's leftovers
+    assert main(["run", "ufm.toml", "--out", "o", "--quiet"]) == 0
+    assert (scratch / "o" / "summary.json").is_file() and not list((scratch / "o" / ".nclab" / "tmp").glob("*"))

@@ -159,3 +159,17 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "r" / ".nclab" / "manifest.json").write_text("{not json")
     with pytest.raises(RunDirError, match="unreadable"):
         RunDir(tmp_path / "r", mode="force").open()
+
+
+def test_a_kept_result_of_a_killed_run_needs_resume_or_force(tmp_path):
+    out = tmp_path / "r"
+    rd = RunDir(out)
+    rd.open()
+    rd.begin_part("t", {"epochs": 3})
+    rd.write_text("t/checkpoint.pt", "state")
+    rd.keep()
+    os.close(rd._lock_fd)  # killed: close() never runs, the kernel drops the lock
+    with pytest.raises(RunDirError, match="already holds results"):
+        RunDir(out).open()
+    with RunDir(out, mode="resume") as again:
+        assert again.begin_part("t", {"epochs": 3}) and (out / "t" / "checkpoint.pt").read_text() == "state"

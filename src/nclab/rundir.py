@@ -153,6 +153,8 @@ class RunDir:
             raise RunDirError(f"{self.option}: {self.root} already holds results ({shown}); choose a new "
                               f"{self.option}, or pass --resume or --force: --resume continues the nclab run "
                               "there, --force replaces nclab's earlier results (your own files are kept)")
+        if self.mode == "new" and self._has_our_files():
+            self._remove_ours()  # a killed run's leftovers, with no result in them
         if self.mode == "resume" and user and not self.manifest.get("files"):
             raise RunDirError(f"{self.option}: {self.root} holds no nclab run to resume (it has "
                               f"{', '.join(sorted(user)[:3])}); choose another {self.option}")
@@ -161,7 +163,15 @@ class RunDir:
 
     # ------------------------------------------------------------------ what is there
     def has_results(self) -> bool:
-        """Whether any file that nclab wrote here still exists."""
+        """Whether an earlier run kept a result here: a complete part, or a part with a kept
+        result such as a checkpoint (files of a part that was killed before either are
+        leftovers, which a new run removes)."""
+        parts = self.manifest.get("parts", {}).values()
+        if any(p["complete"] or p.get("kept") for p in parts):
+            return True
+        return not parts and self._has_our_files()
+
+    def _has_our_files(self) -> bool:
         return any((self.root / rel).is_file() for rel in self.manifest.get("files", []))
 
     def user_entries(self) -> list[str]:
@@ -223,7 +233,12 @@ class RunDir:
     def keep(self, part: str | None = None) -> None:
         """Declare that ``part`` (default: the current one) holds a result worth keeping, e.g. a
         checkpoint: a failure later leaves its files for ``--resume``."""
-        self._kept.update({part or self._current, None})
+        part = part or self._current
+        self._kept.update({part, None})
+        record = self.manifest.get("parts", {}).get(part)
+        if record is not None and not record.get("kept"):
+            record["kept"] = True
+            self._write_manifest()
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
