@@ -252,3 +252,65 @@ def test_kill_9_mid_run_leaves_nothing_that_blocks_a_plain_rerun(scratch):
     assert (scratch / "o" / "config.toml").exists()  # the killed run's leftovers
     assert main(["run", "ufm.toml", "--out", "o", "--quiet"]) == 0
     assert (scratch / "o" / "summary.json").is_file() and not list((scratch / "o" / ".nclab" / "tmp").glob("*"))
+
+
+def _feature_file(folder, kind):
+    import torch
+
+    from nclab.frames import collapsed_configuration
+
+    H, y, _ = collapsed_configuration(4, 8, 10, noise=0.1)
+    path = folder / {"lists": "f.pt"}.get(kind, "f.npz")
+    if kind == "huge label":
+        np.savez(path, features=np.zeros((3, 2)), labels=np.array([0, 1, 2_000_000_000]))
+    elif kind == "lists":
+        torch.save({"features": H.tolist(), "labels": y.tolist()}, path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        np.savez(path, features=H.numpy(), labels=y.numpy())
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "strings":
+        np.savez(path, features=np.array([["a", "b"]] * 4), labels=np.array([0, 1, 0, 1]))
+    else:  # features scaled by 1e200 or 1e-300: a correct value, not an error
+        np.savez(path, features=H.numpy() * float(kind), labels=y.numpy())
+    return path
+
+
+@pytest.mark.parametrize("kind, word", [("huge label", "labels"), ("empty", "FILE"), ("truncated", "FILE"),
+                                        ("strings", "features")])
+def test_measure_bad_files(scratch, capsys, kind, word):
+    path = _feature_file(scratch, kind)
+    fails_cleanly(["measure", path], capsys, word)
+
+
+@pytest.mark.parametrize("kind", ["1e200", "1e-300", "lists"])
+def test_measure_extreme_scales_and_lists_give_the_plain_values(scratch, capsys, kind):
+    import json as js
+
+    assert main(["measure", str(_feature_file(scratch, "1")), "--json"]) == 0
+    plain = js.loads(capsys.readouterr().out)
+    assert main(["measure", str(_feature_file(scratch, kind)), "--json"]) == 0
+    values = js.loads(capsys.readouterr().out)
+    assert values.keys() == plain.keys()
+    assert all(abs(values[k] - plain[k]) <= 1e-12 * max(1.0, abs(plain[k])) for k in plain), (values, plain)
+
+
+@pytest.mark.parametrize("lams, word", [(["1e-320", "1"], "lams[0]"), (["-1", "1"], "lams"), (["0.1"], "lam")])
+def test_theory_bad_lambdas(capsys, lams, word):
+    fails_cleanly(["theory", "--K", "4", "--n", "50", "--lam", *lams], capsys, word)
+
+
+def test_theory_extreme_lambdas_give_finite_values(capsys):
+    assert main(["theory", "--K", "4", "--n", "50", "--lam", "1e-300", "1e-300"]) == 0
+    out = capsys.readouterr().out
+    assert "inf" not in out and "nan" not in out and "f* = 2.82842712e-299" in out
+
+
+def test_cross_entropy_with_a_huge_step_advises_a_checked_one(scratch, capsys):
+    (scratch / "ce.toml").write_text((C.CONFIG_DIR / "ufm-ce.toml").read_text())
+    err = fails_cleanly(["run", "ce.toml", "--set", "solver.lr=100", "--set", "solver.steps=2000", "--out", "o"],
+                        capsys, "try lr <=")
+    advice = float(err.split("try lr <= ")[1].split()[0])
+    assert main(["run", "ce.toml", "--set", f"solver.lr={advice}", "--set", "solver.steps=2000", "--out", "o",
+                 "--quiet"]) == 0
