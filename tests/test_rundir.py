@@ -29,7 +29,8 @@ def test_new_folder_gets_files_manifest_and_user_permissions(tmp_path):
     assert (out / "a" / "out.txt").read_text() == "x"
     assert oct((out / "a" / "out.txt").stat().st_mode & 0o777) == oct(0o644)
     manifest = json.loads((out / ".nclab" / "manifest.json").read_text())
-    assert manifest["files"] == ["a/out.txt"] and manifest["parts"]["a"]["complete"]
+    assert list(manifest["files"]) == ["a/out.txt"] and manifest["files"]["a/out.txt"]["part"] == "a"
+    assert manifest["parts"]["a"]["complete"]
     assert not list((out / ".nclab" / "tmp").glob("*"))
 
 
@@ -173,3 +174,50 @@ def test_a_kept_result_of_a_killed_run_needs_resume_or_force(tmp_path):
         RunDir(out).open()
     with RunDir(out, mode="resume") as again:
         assert again.begin_part("t", {"epochs": 3}) and (out / "t" / "checkpoint.pt").read_text() == "state"
+
+
+def test_a_new_part_cannot_overwrite_another_parts_files_on_resume(tmp_path):
+    with RunDir(tmp_path / "r") as rd:
+        rd.begin_part("ufm", {"steps": 200})
+        rd.write_text("summary.json", "200 steps")
+        rd.complete_part("ufm")
+    with pytest.raises(RunDirError, match="belongs to part 'ufm'"):
+        with RunDir(tmp_path / "r", mode="resume") as rd:
+            rd.begin_part("other", {"steps": 150})
+            rd.write_text("summary.json", "150 steps")
+    assert (tmp_path / "r" / "summary.json").read_text() == "200 steps"
+    with RunDir(tmp_path / "r", mode="resume") as rd:  # the record is unchanged: the old part is skipped
+        assert not rd.begin_part("ufm", {"steps": 200})
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "sub/victim.txt"])
+def test_force_never_follows_a_manifest_out_of_the_folder(tmp_path, entry):
+    victim_dir = tmp_path / "userdata"
+    victim_dir.mkdir()
+    (victim_dir / "victim.txt").write_text("precious")
+    (tmp_path / "victim.txt").write_text("precious")
+    out = tmp_path / "r"
+    with RunDir(out) as rd:
+        write_part(rd)
+    (out / "sub").symlink_to(victim_dir)
+    manifest = json.loads((out / ".nclab" / "manifest.json").read_text())
+    manifest["files"][entry] = {"part": "a"}
+    (out / ".nclab" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunDirError, match="unreadable"):
+        RunDir(out, mode="force").open()
+    assert (tmp_path / "victim.txt").read_text() == "precious"
+    assert (victim_dir / "victim.txt").read_text() == "precious"
+
+
+def test_force_keeps_an_output_the_user_replaced_and_never_overwrites_it(tmp_path):
+    out = tmp_path / "r"
+    with RunDir(out) as rd:
+        write_part(rd)
+    (out / "a" / "out.txt").write_text("my own edited version")
+    with pytest.raises(RunDirError, match="was changed since"):
+        with RunDir(out, mode="resume") as rd:
+            rd.begin_part("a", {"k": 1}, again=True)
+            rd.write_text("a/out.txt", "x")
+    with RunDir(out, mode="force") as rd:
+        write_part(rd, "b")
+    assert (out / "a" / "out.txt").read_text() == "my own edited version"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 import sys
 import tempfile
@@ -19,22 +18,37 @@ else:  # pragma: no cover
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+def atomic_path(path: str | os.PathLike, *, tmp_dir: str | os.PathLike | None = None, before_rename=None):
+    """Yield a temporary path; rename it onto ``path`` only on success (a reader sees the old
+    file or the new one, never a part).
+
+    The temporary file lies in ``tmp_dir`` (default: beside ``path``, whose folder is then
+    created), on the same file system, and gets the usual permissions (0666 less the
+    umask) and an fsync before the rename. ``before_rename()``, when given, runs just
+    before the rename (e.g. to record the file in a manifest first).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if tmp_dir is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves old or new
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def umask() -> int:
@@ -42,16 +56,6 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
 def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
@@ -62,11 +66,6 @@ def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
     for r in rows:
         writer.writerow({k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()})
     return buf.getvalue()
-
-
-def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    """Write dict rows as CSV atomically (:func:`csv_text`)."""
-    write_text(path, csv_text(rows, fieldnames))
 
 
 def read_toml(path, name: str = "CONFIG") -> dict:
@@ -102,8 +101,7 @@ def load_features(path) -> dict[str, np.ndarray]:
     path = Path(path)
 
     def reason(exc: BaseException) -> str:
-        text = " ".join(str(exc).split())  # one line, however long the library's message
-        text = text if len(text) <= 200 else text[:197] + "..."
+        text = one_line(str(exc), 200)  # however long the library's message
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     def numeric(key: str, value) -> np.ndarray:

@@ -29,10 +29,9 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from nclab.io import csv_text, umask
+from nclab.io import atomic_path, csv_text
 
 try:
     import fcntl
@@ -41,7 +40,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 MODES = ("new", "resume", "force")
 META = ".nclab"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 class RunDirError(ValueError):
@@ -89,13 +88,18 @@ class RunDir:
         self._created_root = not self.root.exists()
         self._new_ancestors = [p for p in self.root.parents if not p.exists()]  # e.g. runs/, removed if unused
         self._created_meta = not (self.root / META).exists()
-        try:
-            (self.root / META / "tmp").mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / META / "lock", os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise RunDirError(f"{self.option}: cannot write to {self.root} ({exc.strerror}); "
-                              "choose a folder you can write to") from None
-        self._lock(fd)
+        for _ in range(10):  # a failed process may remove .nclab between our open and our lock: retry
+            try:
+                (self.root / META / "tmp").mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.root / META / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise RunDirError(f"{self.option}: cannot write to {self.root} ({exc.strerror}); "
+                                  "choose a folder you can write to") from None
+            self._lock(fd)
+            if self._holds_current_lock_file():
+                break
+            os.close(fd)
+            self._lock_fd = None
         shutil.rmtree(self.root / META / "tmp", ignore_errors=True)  # a killed process's leftovers
         (self.root / META / "tmp").mkdir(exist_ok=True)
         self.manifest = self._read_manifest()
@@ -145,6 +149,12 @@ class RunDir:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
+    def _holds_current_lock_file(self) -> bool:
+        try:
+            return os.path.samestat(os.fstat(self._lock_fd), os.stat(self.root / META / "lock"))
+        except FileNotFoundError:
+            return False
+
     def _apply_mode(self) -> None:
         ours = self.has_results()
         user = self.user_entries()
@@ -155,7 +165,7 @@ class RunDir:
                               "there, --force replaces nclab's earlier results (your own files are kept)")
         if self.mode == "new" and self._has_our_files():
             self._remove_ours()  # a killed run's leftovers, with no result in them
-        if self.mode == "resume" and user and not self.manifest.get("files"):
+        if self.mode == "resume" and user and not self.manifest["files"]:
             raise RunDirError(f"{self.option}: {self.root} holds no nclab run to resume (it has "
                               f"{', '.join(sorted(user)[:3])}); choose another {self.option}")
         if self.mode == "force":
@@ -172,11 +182,11 @@ class RunDir:
         return not parts and self._has_our_files()
 
     def _has_our_files(self) -> bool:
-        return any((self.root / rel).is_file() for rel in self.manifest.get("files", []))
+        return any((self.root / rel).is_file() for rel in self.manifest["files"])
 
     def user_entries(self) -> list[str]:
         """Top-level entries that nclab did not write (the user's files and folders)."""
-        ours = {Path(rel).parts[0] for rel in self.manifest.get("files", []) + self.manifest.get("dirs", [])}
+        ours = {Path(rel).parts[0] for rel in [*self.manifest["files"], *self.manifest.get("dirs", [])]}
         return [p.name for p in self.root.iterdir() if p.name != META and p.name not in ours]
 
     def path(self, rel: str | os.PathLike) -> Path:
@@ -243,32 +253,38 @@ class RunDir:
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def atomic(self, rel):
-        """Yield a temporary path; on success it is renamed onto ``rel`` (recorded in the manifest)."""
+        """Yield a temporary path; on success it is renamed onto ``rel``, recorded in the manifest
+        (owner part, size, mtime) first. Writing onto a file that nclab did not write, that was
+        changed since, or that another part of the run owns is an error."""
         if self._lock_fd is None:
             raise RuntimeError(f"{self.root}: the run folder is not open for writing (only rank 0 writes)")
         target = self.path(rel)
         key = target.relative_to(self.root).as_posix()
-        if target.exists() and key not in self.manifest.get("files", []):
-            raise RunDirError(f"{self.option}: {target} exists and was not written by nclab; move it away or "
-                              f"choose another {self.option}")
+        self._check_writable(target, key)
         self._make_parents(target)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=self.root / META / "tmp")
-        os.close(fd)
-        tmp = Path(tmp)
-        try:
+        existed = target.exists()
+
+        def record():
+            self.manifest["files"][key] = {"part": self._current}
+            self._write_manifest()
+
+        with atomic_path(target, tmp_dir=self.root / META / "tmp", before_rename=record) as tmp:
             yield tmp
-            os.chmod(tmp, 0o666 & ~umask())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            if key not in self.manifest.setdefault("files", []):
-                self.manifest["files"].append(key)
-                self._write_manifest()
-            existed = target.exists()
-            os.replace(tmp, target)
-            if not existed:
-                self._created.append((self._current, key))
-        finally:
-            tmp.unlink(missing_ok=True)
+        self.manifest["files"][key] |= _stamp(target)
+        self._write_manifest()
+        if not existed:
+            self._created.append((self._current, key))
+
+    def _check_writable(self, target: Path, key: str) -> None:
+        entry = self.manifest["files"].get(key)
+        if target.exists() and (entry is None or not _unchanged(target, entry)):
+            raise RunDirError(f"{self.option}: {target} exists and was not written by nclab (or was changed "
+                              f"since); move it away or choose another {self.option}")
+        owner = None if entry is None else entry.get("part")
+        if entry is not None and owner != self._current and owner in self.manifest["parts"]:
+            raise RunDirError(f"{self.option}: {target} belongs to part {owner!r} of the run in {self.root}, "
+                              f"not to {self._current!r}; use the same settings and name, pass --force to start "
+                              f"over, or choose another {self.option}")
 
     def write_text(self, rel, text: str) -> Path:
         with self.atomic(rel) as tmp:
@@ -299,35 +315,42 @@ class RunDir:
     def _read_manifest(self) -> dict:
         path = self.root / META / "manifest.json"
         if not path.is_file():
-            return {"format": MANIFEST_FORMAT, "files": [], "dirs": [], "parts": {}}
+            return _empty_manifest()
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+            if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
                 raise ValueError("unknown format")
-        except (ValueError, OSError) as exc:
+            for rel in list(data["files"]) + data.get("dirs", []):
+                self._inside(rel)
+        except (ValueError, OSError, AttributeError, TypeError) as exc:
             raise RunDirError(f"{self.option}: {path} is unreadable ({exc}); nclab cannot tell its files from "
                               f"yours there, so move the folder away or choose another {self.option}") from None
         return data
 
+    def _inside(self, rel: str) -> None:
+        """ValueError unless ``rel`` names a path inside the folder with no symbolic link on the way."""
+        self.path(rel)
+        here = self.root
+        for part in Path(rel).parts[:-1]:
+            here = here / part
+            if here.is_symlink():
+                raise ValueError(f"{rel!r} passes through the symbolic link {here}")
+
     def _write_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=1) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix="manifest.", dir=self.root / META / "tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, self.root / META / "manifest.json")
+        with atomic_path(self.root / META / "manifest.json", tmp_dir=self.root / META / "tmp") as tmp:
+            tmp.write_text(json.dumps(self.manifest, indent=1) + "\n")
 
     def _remove_ours(self) -> None:
-        """--force: delete every file and folder of the manifest (folders only when empty)."""
-        for rel in self.manifest.get("files", []):
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / rel).unlink()
+        """--force: delete the files of the manifest that are as nclab left them (a file changed
+        since is the user's now and stays), then the folders it made that are empty."""
+        for rel, entry in self.manifest["files"].items():
+            path = self.root / rel
+            if path.is_file() and not path.is_symlink() and _unchanged(path, entry):
+                path.unlink()
         for rel in sorted(self.manifest.get("dirs", []), key=len, reverse=True):
             with contextlib.suppress(OSError):
                 (self.root / rel).rmdir()
-        self.manifest = {"format": MANIFEST_FORMAT, "files": [], "dirs": [], "parts": {}}
+        self.manifest = _empty_manifest()
         self._write_manifest()
 
     def _undo(self) -> None:
@@ -342,7 +365,7 @@ class RunDir:
                     (self.root / key).rmdir()
                 else:
                     (self.root / key).unlink()
-        self.manifest["files"] = [f for f in self.manifest.get("files", []) if f not in undone]
+        self.manifest["files"] = {f: e for f, e in self.manifest["files"].items() if f not in undone}
         self.manifest["dirs"] = [d for d in self.manifest.get("dirs", []) if d + "/" not in undone]
         parts = self.manifest.get("parts", {})
         for name in self._new_parts - self._kept:
@@ -350,6 +373,24 @@ class RunDir:
         if not (self._created_meta and not self._kept):
             with contextlib.suppress(OSError):
                 self._write_manifest()
+
+
+def _empty_manifest() -> dict:
+    return {"format": MANIFEST_FORMAT, "files": {}, "dirs": [], "parts": {}}
+
+
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _unchanged(path: Path, entry: dict) -> bool:
+    """Whether ``path`` is still the file nclab recorded (same size and modification time;
+    an entry without a stamp, from a process killed just after the rename, counts as ours)."""
+    if "size" not in entry:
+        return True
+    st = path.stat()
+    return st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
