@@ -142,19 +142,43 @@ def test_second_process_on_the_same_folder_is_refused(scratch, capsys):
                       "another nclab process")
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_resume_with_a_damaged_summary_runs_that_part_again(scratch, capsys, damage):
+def test_resume_with_a_deleted_summary_runs_that_part_again(scratch, capsys):
     out = scratch / "r"
     assert main(["reproduce", "ufm", "--iterations", "50", "--out", str(out), "--quiet"]) == 0
     good = json.loads((out / "ufm" / "summary.json").read_text())
-    if damage == "missing":
-        (out / "ufm" / "summary.json").unlink()
-    else:
-        (out / "ufm" / "summary.json").write_text("{truncated")
+    (out / "ufm" / "summary.json").unlink()
     assert main(["reproduce", "ufm", "--iterations", "50", "--out", str(out), "--resume"]) == 0
     assert "running it again" in capsys.readouterr().out
     again = json.loads((out / "ufm" / "summary.json").read_text())
     assert again.pop("seconds") > 0 and again == {k: v for k, v in good.items() if k != "seconds"}
+
+
+def test_resume_never_overwrites_an_output_the_user_edited(scratch, capsys):
+    out = scratch / "r"
+    assert main(["reproduce", "ufm", "--iterations", "50", "--out", str(out), "--quiet"]) == 0
+    (out / "ufm" / "summary.json").write_text("{my edits")
+    fails_cleanly(["reproduce", "ufm", "--iterations", "50", "--out", out, "--resume"], capsys, "changed since")
+    assert (out / "ufm" / "summary.json").read_text() == "{my edits"
+
+
+@pytest.mark.parametrize("command", [["run", "ufm.toml"], ["sweep", "plain", "--points", "2", "--steps", "20"]])
+def test_run_and_sweep_resume_the_same_way_as_reproduce(scratch, capsys, command):
+    out = scratch / "o"
+    assert main([*command, "--out", str(out), "--quiet"]) == 0
+    assert main([*command, "--out", str(out), "--resume"]) == 0
+    assert "skipped (--resume)" in capsys.readouterr().out
+    (out / "figure.png").unlink()
+    assert main([*command, "--out", str(out), "--resume"]) == 0
+    assert "running it again" in capsys.readouterr().out and (out / "figure.png").is_file()
+
+
+def test_resume_under_another_name_cannot_overwrite_the_first_run(scratch, capsys):
+    out = scratch / "o"
+    assert main(["run", "ufm.toml", "--out", str(out), "--quiet"]) == 0
+    before = (out / "config.toml").read_text()
+    fails_cleanly(["run", "ufm.toml", "--out", out, "--resume", "--set", "name=other", "--set", "solver.steps=150"],
+                  capsys, "belongs to part 'ufm'")
+    assert (out / "config.toml").read_text() == before
 
 
 REPRODUCE_CASES = {

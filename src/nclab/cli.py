@@ -62,8 +62,10 @@ def _cmd_measure(args):
     from nclab.io import load_features
     from nclab.metrics import measure
 
-    if args.example == bool(args.file):
-        raise ValueError("FILE: give a feature file, or --example (not both)")
+    if args.example and args.file:
+        raise ValueError("FILE: give a feature file or --example, not both")
+    if not args.example and not args.file:
+        raise ValueError("FILE: give a feature file (.npz or .pt), or --example to measure a built-in one")
     if args.example:
         data, source = _example(), "built-in example (K=10, d=64, n=100, ETF, noise 0.05)"
     else:
@@ -124,7 +126,9 @@ def _registrars():
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    from nclab.io import one_line
+
+    return one_line(str(exc), 1000) or type(exc).__name__
 
 
 def _version():

@@ -9,7 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nclab.io import atomic_path  # noqa: E402
 
 LEVEL_STYLE = {"H1": dict(color="tab:blue"), "H2": dict(color="tab:red"),
                "H3": dict(color="tab:green"), "H4": dict(color="tab:purple")}
@@ -53,19 +52,15 @@ def ufm_panels(axes, history: dict, levels: list[str], frame: str, f_star: float
         ax.legend(fontsize=8)
 
 
-def save_figure(fig, stem, folder=None) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf atomically and close the figure; returns the paths.
-
-    ``folder``: a :class:`nclab.rundir.Folder` (``stem`` is then a name inside it), or None
-    (``stem`` is a path).
-    """
+def save_figure(fig, stem: str, folder) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf atomically into ``folder`` (a
+    :class:`nclab.rundir.Folder`) and close the figure; returns the paths."""
     paths = []
     try:
         for ext in ("png", "pdf"):
-            name = f"{stem}.{ext}"
-            with (folder.atomic(name) if folder is not None else atomic_path(name)) as tmp:
+            with folder.atomic(f"{stem}.{ext}") as tmp:
                 fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-            paths.append(folder.path(name) if folder is not None else Path(name))
+            paths.append(folder.path(f"{stem}.{ext}"))
     finally:
         plt.close(fig)
     return paths

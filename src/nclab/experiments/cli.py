@@ -89,7 +89,7 @@ def _cmd_reproduce(args) -> None:
     start, sections = time.perf_counter(), []
     with RunDir(args.out or default_out("reproduce"), mode=_mode(args)) as rd:
         for e in chosen:
-            summary = _run_part(rd, e, settings[e.name], args)
+            summary = _run_experiment(rd, e, settings[e.name], args)
             sections.append(e.section(summary, e.name, smoke=args.quick))
         names = ", ".join(e.name for e in chosen)
         header = (f"# nclab reproduction report\n\nTirer & Bruna, *Extended Unconstrained Features Model for "
@@ -101,20 +101,30 @@ def _cmd_reproduce(args) -> None:
     _say(args, f"wrote {path} ({len(chosen)} experiments, {time.perf_counter() - start:.0f} s)")
 
 
-def _run_part(rd, experiment, settings, args) -> dict:
-    """Run one experiment as a part of the run folder, or reuse it when complete (--resume)."""
-    folder = rd.folder(experiment.name)
-    if not rd.begin_part(experiment.name, experiment.settings_record(settings)):
-        summary = experiment.load_summary(folder)
+def _run_part(rd, name: str, record: dict, run, reuse, args) -> dict:
+    """Part ``name`` of the run folder: reuse its summary when it is complete with the same
+    settings (``--resume``; ``reuse()`` returns None when its outputs are missing or
+    damaged, and then it runs again), else ``run()`` it and mark it complete."""
+    if not rd.begin_part(name, record):
+        summary = reuse()
         if summary is not None:
-            _say(args, f"{experiment.name}: finished earlier with the same settings, skipped (--resume)")
+            _say(args, f"{name}: finished earlier with the same settings, skipped (--resume)")
             return summary
-        _say(args, f"{experiment.name}: its summary.json is missing or unreadable; running it again")
-        rd.begin_part(experiment.name, experiment.settings_record(settings), again=True)
-    _say(args, f"{experiment.name}: {experiment.title}")
-    summary = experiment.run(settings, folder, quiet=args.quiet, resume=args.resume)
-    rd.complete_part(experiment.name)
+        _say(args, f"{name}: its outputs are missing or unreadable; running it again")
+        rd.begin_part(name, record, again=True)
+    summary = run()
+    rd.complete_part(name)
     return summary
+
+
+def _run_experiment(rd, e, settings, args) -> dict:
+    folder = rd.folder(e.name)
+
+    def run():
+        _say(args, f"{e.name}: {e.title}")
+        return e.run(settings, folder, quiet=args.quiet, resume=args.resume)
+
+    return _run_part(rd, e.name, e.settings_record(settings), run, lambda: e.load_summary(folder), args)
 
 
 def _cmd_run(args) -> None:
@@ -124,30 +134,23 @@ def _cmd_run(args) -> None:
 
     run = C.apply_overrides(C.load(args.config), args.set)
     with RunDir(args.out or default_out(run.name), mode=_mode(args)) as rd:
-        if rd.begin_part(run.name, run.to_dict()):
-            summary = run_experiment(run, rd.folder(), quiet=args.quiet)
-            rd.complete_part(run.name)
-        else:
-            summary = load_summary(rd.folder())
-            if summary is None:
-                raise ValueError(f"--resume: {rd.root}/summary.json is missing or unreadable; pass --force to "
-                                 "run again")
-            _say(args, f"{run.name}: finished earlier with the same settings, skipped (--resume)")
+        folder = rd.folder()
+        summary = _run_part(rd, run.name, run.to_dict(), lambda: run_experiment(run, folder, quiet=args.quiet),
+                            lambda: load_summary(folder), args)
     gap = summary["gap"]
     _say(args, f"wrote {rd.root}: objective {summary['objective']:.10g}"
          + (f", f* {summary['objective_optimal']:.10g}, gap {gap:.3e}" if gap is not None else ""))
 
 
 def _cmd_sweep(args) -> None:
+    from nclab.experiments.runner import load_summary
     from nclab.experiments.sweep import SweepSettings, run_sweep
     from nclab.rundir import RunDir
 
     given = {k: getattr(args, k) for k in SweepSettings.field_names() if getattr(args, k, None) is not None}
     settings = SweepSettings.from_dict(given | {"kind": args.kind})
     with RunDir(args.out or default_out(f"sweep-{args.kind}"), mode=_mode(args)) as rd:
-        if rd.begin_part("sweep", settings.to_dict()):
-            run_sweep(settings, rd.folder(), quiet=args.quiet)
-            rd.complete_part("sweep")
-        else:
-            _say(args, "sweep: finished earlier with the same settings, skipped (--resume)")
+        folder = rd.folder()
+        _run_part(rd, "sweep", settings.to_dict(), lambda: run_sweep(settings, folder, quiet=args.quiet),
+                  lambda: load_summary(folder, required="kind", outputs=("sweep.csv", "figure.png")), args)
     _say(args, f"wrote {rd.root}/sweep.csv and {rd.root}/figure.png")

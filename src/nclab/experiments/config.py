@@ -52,6 +52,9 @@ class UFMRun:
         problem = valid_name(self.name)
         if problem:
             raise SettingsError(f"config: name {problem}, got {self.name!r}")
+        if not self.solver.metrics:
+            raise SettingsError("solver.metrics: an experiment records the NC metrics of every level (its table and "
+                                "figure need them); leave it true, or call nclab.ufm.solve directly")
         if self.frame is not None and self.frame not in FRAMES:
             raise SettingsError(f"config: expect.frame must be one of {', '.join(FRAMES)}, got {self.frame!r}")
 
@@ -85,6 +88,9 @@ class UFMRun:
                 raise SettingsError(f"config: unknown key {key!r}{hint}")
         if "model" not in data:
             raise SettingsError("config: missing table [model] (K, n, dims, lams)")
+        for section in SECTIONS:
+            if section in data and not isinstance(data[section], dict):
+                raise SettingsError(f"config: {section} must be a table [{section}], got {data[section]!r}")
         for key in UFM.field_names()[:4]:
             if key not in data["model"]:
                 raise SettingsError(f"config: missing required key model.{key}")
@@ -139,7 +145,7 @@ def apply_overrides(run: UFMRun, assignments: list[str]) -> UFMRun:
         except tomllib.TOMLDecodeError:
             value = text
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
-            data[parts[0]] = text
+            data[parts[0]] = value if isinstance(value, str) else text
         elif len(parts) == 2 and parts[0] in SECTIONS:
             data.setdefault(parts[0], {})[parts[1]] = value
         else:

@@ -51,7 +51,9 @@ class Experiment:
         """Plain data of the settings, recorded in the run folder to check ``--resume``."""
         if isinstance(settings, C.UFMRun):
             return settings.to_dict()
-        return {run: s.to_dict() for run, s in settings.items()}
+        from nclab.nets.training import settings_record
+
+        return {run: settings_record(s) for run, s in settings.items()}
 
     def run(self, settings, folder, *, quiet: bool, resume: bool) -> dict:
         """Run into ``folder`` (a :class:`nclab.rundir.Folder`); returns the summary."""

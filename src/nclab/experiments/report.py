@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from nclab.io import write_text
 
 ETF_OF = {K: math.sqrt(2 - 2 * math.sqrt((K - 1) / K)) for K in range(2, 101)}
 
@@ -70,9 +68,3 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
     for name, value in (th.get("factor_sq_norms") or {}).items():
         lines.append(f"| ‖{name}‖²_F | {_fmt(summary['factor_sq_norms'][name])} | {_fmt(value)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_report(out_dir: Path, sections: list[str], header: str) -> Path:
-    path = out_dir / "report.md"
-    write_text(path, header + "\n" + "\n".join(sections))
-    return path

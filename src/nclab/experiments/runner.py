@@ -137,11 +137,13 @@ def _progress_printer(name: str, steps: int):
     return report
 
 
-def load_summary(folder: Folder, required: str = "levels") -> dict | None:
-    """The summary.json of a finished experiment folder (holding key ``required``), or None
-    when it is missing or unreadable."""
+def load_summary(folder: Folder, required: str = "levels", outputs=("metrics.csv", "figure.png")) -> dict | None:
+    """The summary.json of a finished folder (holding key ``required``, beside the files
+    ``outputs``), or None when any of them is missing or unreadable."""
     try:
         summary = json.loads(folder.path("summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) and required in summary else None
+    if not (isinstance(summary, dict) and required in summary):
+        return None
+    return summary if all(folder.path(name).is_file() for name in outputs) else None

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from nclab import theory, ufm
-from nclab.metrics import class_means_t
 from nclab.rundir import Folder
-from nclab.settings import PAPER, Settings, at_least, check_device, positive, setting
+from nclab.settings import PAPER, Settings, SettingsError, at_least, check_device, positive, setting
+from nclab.ufm.verdict import end_to_end
 
 SWEEPS = ("plain", "extended")
 #: GD iterations when ``steps`` is not given
@@ -42,6 +41,16 @@ class SweepSettings(Settings):
                                            check=at_least(0))
     seed: int = setting(0, help="seed of the first problem", check=at_least(0))
     device: str = setting("cpu", help="cpu, cuda or cuda:N", check=check_device)
+
+    def _check_together(self) -> None:
+        if self.kind == "plain" and self.init_stds != SweepSettings.__dataclass_fields__["init_stds"].default:
+            raise SettingsError("sweep.init_stds: the plain sweep runs from init std 0.1 only (its transition does "
+                                "not depend on the start); drop --init-std or sweep extended")
+        from nclab._validate import check_fits
+
+        factors = self.K * self.n * self.d + (self.m - 2) * self.d * self.d + self.K * self.d
+        check_fits(8 * 8 * self.points * factors, "sweep", f"{self.points} problems of K={self.K}, n={self.n}, "
+                   f"d={self.d} (parameters, gradients and buffers)")
 
     @property
     def m(self) -> int:
@@ -78,11 +87,8 @@ def run_sweep(settings: SweepSettings, folder: Folder, *, quiet: bool = False) -
 
 
 def end_to_end_scale(result) -> np.ndarray:
-    """t = tr(W_L⋯W_1 M_1ᵀ)/K per problem, M_1 the class means of H1 (K, d_1); theory: t*."""
-    model = result.model
-    prod = result.program().maps_to_output(result.params)[0]  # W_L⋯W_1, (B, K, d_1)
-    means, _ = class_means_t(torch.from_numpy(result.params["H1"]), torch.as_tensor(model.labels()), model.K)
-    return np.trace(prod @ np.swapaxes(means.numpy(), 1, 2), axis1=1, axis2=2) / model.K
+    """t = tr(W_L⋯W_1 M_1)/K per problem (B,), M_1 the class means of H1; theory: t*."""
+    return np.array([np.trace(end_to_end(result, b)) for b in range(len(result.seeds))]) / result.model.K
 
 
 def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -> dict:
@@ -115,4 +121,7 @@ def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -
     title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={model.K}, n={model.class_counts[0]}, "
              f"d={model.dims[0]}, equal λ, {results[0].iterations} GD steps (NC metrics are undefined where H = 0)")
     save_figure(sweep_figure(c_grid, x_label, panels, c_crit, title), "figure", folder)
-    return {"kind": kind, "rows": len(rows), "lr": [r.settings.lr for r in results]}
+    summary = {"kind": kind, "rows": len(rows), "init_stds": list(stds), "lr": [r.settings.lr for r in results],
+               "iterations": results[0].iterations}
+    folder.write_json("summary.json", summary)
+    return summary
