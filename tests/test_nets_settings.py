@@ -16,7 +16,7 @@ def test_defaults_are_the_papers_and_round_trip():
         PAPER["net_epochs"], PAPER["net_batch_size"], PAPER["net_momentum"], PAPER["net_lr_step"],
         PAPER["net_lr_gamma"])
     assert s.lr is None and s.weight_decay is None
-    for t in (s, TrainSettings(loss="ce", bias=True, lr=0.1, data="x", threads=2)):
+    for t in (s, TrainSettings(dataset="mnist", loss="ce", bias=True, lr=0.1, data="x", threads=2)):
         assert TrainSettings.from_dict(t.to_dict()) == t
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.lr = 0.1
@@ -67,7 +67,7 @@ def test_cuda_absent_is_an_error():
 def test_unknown_key_suggests_and_data_is_absolute():
     with pytest.raises(SettingsError, match="did you mean 'weight_decay'"):
         TrainSettings.from_dict({"weight_decy": 1e-3})
-    assert TrainSettings(data="rel/dir").data == str(Path("rel/dir").absolute())
+    assert TrainSettings(dataset="mnist", data="rel/dir").data == str(Path("rel/dir").absolute())
 
 
 def test_every_train_flag_comes_from_a_setting_with_help():
@@ -84,3 +84,10 @@ def test_train_flag_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did you mean 'cuda'" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_nets_train_is_the_function_whatever_was_imported_first():
+    import nclab.nets
+    import nclab.nets.training  # noqa: F401  (the module that defines it)
+
+    assert callable(nclab.nets.train) and nclab.nets.train is nclab.nets.training.train

@@ -14,7 +14,7 @@ from nclab.nets.losses import sample_losses
 from nclab.nets.loop import Trainer
 from nclab.nets.measure import read_metrics_csv, warn_budget
 from nclab.nets.settings import TrainSettings
-from nclab.nets.train import train
+from nclab.nets.training import train
 
 TINY = dict(width=0.0625, epochs=3, per_class=12, batch_size=32, eval_every=2, measure_per_class=6,
             lr_step=2, lr=0.01, weight_decay=2.5e-3, threads=1)
@@ -93,7 +93,7 @@ def test_config_checks():
         TrainSettings(model="mlp", stem="imagenet")
     with pytest.raises(ValueError, match="batch_size"):
         TrainSettings(batch_size=1)
-    assert TrainSettings(data="rel/dir").data == str(Path("rel/dir").absolute())
+    assert TrainSettings(dataset="mnist", data="rel/dir").data == str(Path("rel/dir").absolute())
 
 
 def test_budget_warning_is_one_line(tmp_path, capsys):

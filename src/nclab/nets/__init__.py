@@ -5,7 +5,7 @@
 * :mod:`nclab.nets.probe`: ``record_features`` (forward hooks on any nn.Module) and
   ``measure_layers`` (all levels' metrics in one streaming pass).
 * :mod:`nclab.nets.settings`: ``TrainSettings`` (frozen, checked settings of a run).
-* :mod:`nclab.nets.train`: ``train`` (MSE/CE, SGD, checkpoint/resume, torch.distributed),
+* :mod:`nclab.nets.training`: ``train`` (MSE/CE, SGD, checkpoint/resume, torch.distributed),
   built from :mod:`~nclab.nets.loop` (the training loop), :mod:`~nclab.nets.measure` (the
   metric pass), :mod:`~nclab.nets.checkpoint` (safe checkpoints),
   :mod:`~nclab.nets.distributed` (process group, global BatchNorm),
@@ -20,7 +20,7 @@ import importlib
 #: settings (the ``nclab`` command's flags) does not load the network code and torch
 _WHERE = {"NETWORK_EXPERIMENTS": "experiment", "report_markdown": "experiment",
           "run_network_experiment": "experiment", "measure_layers": "probe", "record_features": "probe",
-          "TrainSettings": "settings", "train": "train"}
+          "TrainSettings": "settings", "train": "training"}
 
 
 def __getattr__(name):

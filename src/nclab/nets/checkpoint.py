@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from nclab.io import one_line
 from nclab.nets.measure import METRIC_COLUMNS
 from nclab.nets.settings import MAY_CHANGE_ON_RESUME, TrainSettings
 from nclab.settings import SettingsError
@@ -57,9 +58,7 @@ def save(folder, *, settings: TrainSettings, model: dict, optimizer: dict, sched
 
 def not_ours(path, reason: str) -> ValueError:
     """The one-line error for a file that is not a checkpoint nclab can resume from."""
-    reason = " ".join(str(reason).split())  # one line
-    if len(reason) > 160:
-        reason = reason[:157] + "..."
+    reason = one_line(reason, 160)
     return ValueError(f"resume: {path} is not an nclab checkpoint ({reason}); remove it or use --force / a new --out")
 
 
@@ -133,10 +132,3 @@ def check_same_settings(path, ck: dict, current: TrainSettings) -> None:
     if diff:
         raise ValueError(f"resume: {path} was written with different settings ({', '.join(diff)}); "
                          "resume with the same config, pass --force to overwrite, or use a new --out folder")
-
-
-def check_resumable(settings: TrainSettings, run_dir) -> None:
-    """ValueError when run_dir/checkpoint.pt is not ours or was written with other settings than ``settings``."""
-    path = Path(run_dir) / CHECKPOINT
-    if path.is_file():
-        check_same_settings(path, load(path), settings)

@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 def _cmd_train(args) -> None:
     from nclab.nets.experiment import runs_from_config, train_runs
-    from nclab.nets.train import train
+    from nclab.nets.training import train
 
     overrides = {name: getattr(args, name) for name in TrainSettings.field_names() if getattr(args, name) is not None}
     experiment, runs = runs_from_config(args.config) if args.config else ("", {"": TrainSettings()})

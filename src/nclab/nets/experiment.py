@@ -39,8 +39,9 @@ import time
 from nclab.io import read_toml, toml_text
 from nclab.nets.measure import METRIC_COLUMNS, read_metrics_csv
 from nclab.nets.settings import TrainSettings, nc3_frame
-from nclab.nets.train import run_folder, settings_record, train
+from nclab.nets.training import run_folder, settings_record, train
 from nclab.rundir import Folder
+from nclab.settings import valid_name
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
 _MSE = dict(loss="mse", bias=False)  # lr, wd: the paper's, in the UFM scaling (TrainSettings.sgd_lr)
@@ -75,7 +76,7 @@ def train_runs(runs: dict[str, TrainSettings], out, *, experiment: str = "custom
                resume: bool = False, force: bool = False) -> dict:
     """Train each run into out/NAME and write the combined outputs (module docstring).
 
-    ``out``: a folder path (opened as a run folder, as :func:`nclab.nets.train.train`
+    ``out``: a folder path (opened as a run folder, as :func:`nclab.nets.training.train`
     does) or a :class:`nclab.rundir.Folder` of an open one. ``resume``: continue each run
     from its checkpoint (the settings must match); ``force``: start over, removing only
     nclab's earlier files.
@@ -144,6 +145,16 @@ def runs_from_config(path) -> tuple[str, dict[str, TrainSettings]]:
         extra = sorted(set(raw) - {"runs", "experiment"})
         if extra:
             raise ValueError(f"config: unknown top-level key(s) {extra} next to [runs]")
+        if not isinstance(raw["runs"], dict) or not raw["runs"] or not all(
+                isinstance(v, dict) for v in raw["runs"].values()):
+            raise ValueError("config: runs must hold one table [runs.NAME] of settings per run, e.g. "
+                             "[runs.mse] with loss = \"mse\"")
+        for name in raw["runs"]:
+            problem = valid_name(name)
+            if problem:
+                raise ValueError(f"config: run name {problem}, got {name!r}")
+        if not isinstance(raw.get("experiment", "custom"), str) or valid_name(raw.get("experiment", "custom")):
+            raise ValueError(f"config: experiment must be a plain name, got {raw.get('experiment')!r}")
         return raw.get("experiment", "custom"), {k: TrainSettings.from_dict(v, f"config [runs.{k}]")
                                                   for k, v in raw["runs"].items()}
     return "", {"": TrainSettings.from_dict(raw)}

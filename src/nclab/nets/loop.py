@@ -48,7 +48,7 @@ class _State:
 
 
 class Trainer:
-    """One training run writing to ``folder`` (see the module docstring); use :func:`nclab.nets.train.train`.
+    """One training run writing to ``folder`` (see the module docstring); use :func:`nclab.nets.training.train`.
 
     ``folder``: a :class:`nclab.rundir.Folder` (only rank 0 writes), or a path for a run
     that writes nothing (benchmarks, tests of one epoch). ``dist``: this process's place

@@ -99,10 +99,10 @@ def _nc3_panel(ax, rows: list[dict], frame: str, colour) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_runs(runs: dict[str, list[dict]], stem, folder=None, titles: dict[str, str] | None = None,
+def plot_runs(runs: dict[str, list[dict]], stem: str, folder, *, titles: dict[str, str] | None = None,
               nc3_frames: dict[str, str] | None = None) -> list[Path]:
-    """Draw one Fig-5 row per run; writes ``stem``.png and .pdf atomically (inside ``folder``,
-    a :class:`nclab.rundir.Folder`, when given; see :func:`nclab.plots.save_figure`).
+    """Draw one Fig-5 row per run; writes ``stem``.png and .pdf atomically into ``folder``
+    (a :class:`nclab.rundir.Folder`; see :func:`nclab.plots.save_figure`).
 
     Args:
         runs: run name -> metrics.csv rows (dicts with epoch, split, layer, metric, value).

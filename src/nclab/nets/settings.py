@@ -98,6 +98,9 @@ class TrainSettings(Settings):
             object.__setattr__(self, "data", str(Path(self.data).expanduser().absolute()))
 
     def _check_together(self) -> None:
+        if self.dataset == "digits" and self.data is not None:
+            raise SettingsError(f"train.data: the digits data set ships with scikit-learn and reads no folder; drop "
+                                f"--data {self.data} or choose --dataset mnist or cifar10")
         if self.model != "resnet18" and self.stem != "small":
             raise SettingsError(f"train.stem: only resnet18 has a stem; drop --stem {self.stem} for "
                                 f"--model {self.model}")

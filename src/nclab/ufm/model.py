@@ -61,6 +61,8 @@ class UFM(Settings):
         if len(counts) != self.K:
             raise SettingsError(f"model.n: expected one size or K={self.K} class sizes, got {len(counts)} sizes")
         object.__setattr__(self, "_counts", counts)
+        if isinstance(self.n, tuple) and len(set(self.n)) == 1:  # balanced: one way to write it
+            object.__setattr__(self, "n", self.n[0])
         if len(self.lams) != len(self.dims) + 1:
             raise SettingsError(f"model.lams: expected {len(self.dims) + 1} values (λ_H1, λ_W1, ..., λ_WL; H1 "
                                 f"first) for {len(self.dims)} weight layer(s), got {len(self.lams)}")

@@ -94,8 +94,10 @@ def _train(settings: TrainSettings, folder: Folder, *, resume: bool, quiet: bool
 
 
 def settings_record(settings: TrainSettings) -> dict:
-    """What the run folder records to check ``--resume``: the settings less those that may change."""
-    return {k: v for k, v in settings.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
+    """What the run folder records to check ``--resume``: the settings less those that may change,
+    with lr and weight decay as SGD uses them (None and the paper's value written out are one run)."""
+    record = {k: v for k, v in settings.to_dict().items() if k not in MAY_CHANGE_ON_RESUME}
+    return record | {"lr": settings.sgd_lr, "weight_decay": settings.sgd_weight_decay}
 
 
 @contextlib.contextmanager
