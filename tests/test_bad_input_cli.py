@@ -53,6 +53,7 @@ RUN_CASES = {
     "bad --set": (["--set", "steps"], "--set"),
     "resume and force": (["--resume", "--force"], "--resume, --force"),
     "negative steps": (["--set", "solver.steps=-1"], "solver.steps"),
+    "no metrics": (["--set", "solver.metrics=false"], "solver.metrics"),
 }
 
 
@@ -76,6 +77,7 @@ CONFIG_CASES = {
     "not TOML": ("bad.toml", "[model\nK=4", "not valid TOML"),
     "binary": ("bin.toml", "\x00\x01\x02", "not valid TOML"),
     "string K": ("k.toml", "[model]\nK='4'\nn=5\ndims=[8]\nlams=[0.1,0.1]\n", "model.K"),
+    "model not a table": ("m.toml", "model = 3\n", "model must be a table"),
 }
 
 
@@ -202,6 +204,8 @@ SWEEP_CASES = {
     "one class": (["plain", "--K", "1"], "sweep.K"),
     "negative scale": (["extended", "--init-std", "-1"], "sweep.init_stds"),
     "device typo": (["plain", "--device", "gpu"], "sweep.device"),
+    "init scales for plain": (["plain", "--init-std", "0.5"], "sweep.init_stds"),
+    "too large": (["plain", "--n", "1000000000", "--K", "1000", "--d", "100000"], "memory"),
 }
 
 
@@ -233,6 +237,10 @@ TRAIN_CASES = {
     "device typo": ("", ["--device", "cdua"], "train.device"),
     "unknown loss": ('loss = "l1"\n', [], "train.loss"),
     "resume and force": ("", ["--resume", "--force"], "--resume, --force"),
+    "runs not a table": ("runs = 3\n", [], "config: runs"),
+    "empty runs": ("[runs]\n", [], "config: runs"),
+    "run name escaping": ('[runs."../x"]\nloss = "ce"\n', [], "run name"),
+    "digits with --data": ("", ["--data", "somewhere"], "train.data"),
 }
 
 
@@ -338,3 +346,8 @@ def test_cross_entropy_with_a_huge_step_advises_a_checked_one(scratch, capsys):
     advice = float(err.split("try lr <= ")[1].split()[0])
     assert main(["run", "ce.toml", "--set", f"solver.lr={advice}", "--set", "solver.steps=2000", "--out", "o",
                  "--quiet"]) == 0
+
+
+def test_set_title_is_parsed_as_toml(scratch):
+    run = C.apply_overrides(C.load(scratch / "ufm.toml"), ['title="My run"', "description=plain words"])
+    assert run.title == "My run" and run.description == "plain words"
