@@ -1,4 +1,4 @@
-"""Tests for nclab.theory: regression values (THEORY.md §5), the scalar problem φ_m,
+"""Tests for nclab.theory: regression values (docs/theory.md §5), the scalar problem φ_m,
 brute-force global minima of the actual objective, and exact constructed optima."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def targets(counts, bias=False):
 
 
 def objective_and_grad(factors, Y, lams, b=None):
-    """f = 1/(2N)‖A_m⋯A_1 (+ b1ᵀ) − Y‖² + Σ λ_i/2‖A_i‖² and its gradients (THEORY §2):
+    """f = 1/(2N)‖A_m⋯A_1 (+ b1ᵀ) − Y‖² + Σ λ_i/2‖A_i‖² and its gradients (docs/theory.md §2):
     R = (P + b1ᵀ − Y)/N, ∇A_i = (A_m⋯A_{i+1})ᵀ R (A_{i−1}⋯A_1)ᵀ + λ_i A_i, ∇b = R 1."""
     N = Y.shape[1]
     below = [None]  # below[i] = A_i ⋯ A_1 (i factors), below[0] = identity
@@ -135,7 +135,7 @@ def test_regression_extended_ufm():
     assert c3 == pytest.approx(0.07368063, abs=5e-9)
     assert T.t_star(3, c3) == pytest.approx(0.92436213, abs=5e-9)
     assert T.f_star(4, 50, lams) == pytest.approx(0.10773572, abs=5e-9)
-    assert 16 * 4**3 * 50 * LAM**3 < 1  # THEORY §3.3: non-zero iff 16 K³ n Λ < 1
+    assert 16 * 4**3 * 50 * LAM**3 < 1  # docs/theory.md §3.3: non-zero iff 16 K³ n Λ < 1
     assert not T.predict(4, 50, lams).collapsed_to_zero
 
 

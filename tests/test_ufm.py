@@ -158,7 +158,7 @@ def test_extended_relu_best_restart_matches_f_star():
                   seeds=range(4))
     gaps = (r.final("objective") - r.f_star) / r.f_star
     assert gaps.min() < 1e-6
-    assert gaps.min() > -1e-9  # nothing beats the linear value (THEORY §3.4)
+    assert gaps.min() > -1e-9  # nothing beats the linear value (docs/theory.md §3.4)
     best = int(np.argmin(gaps))
     assert r.final("H2.nc1")[best] < 1e-8 and r.final("H2.nc2_of")[best] < 1e-3
 

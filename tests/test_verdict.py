@@ -15,7 +15,7 @@ import torch
 from nclab import theory, ufm
 from nclab.ufm import verdict as V
 
-#: THEORY §3.3's example: from init std 0.1 GD leaves the smallest class's direction at zero
+#: docs/theory.md §3.3's example: from init std 0.1 GD leaves the smallest class's direction at zero
 IMBALANCED = ufm.UFM(K=4, n=(5, 20, 60, 115), dims=(20, 20), lams=(0.005, 0.005, 0.005))
 
 
@@ -180,7 +180,7 @@ def test_a_perturbed_point_is_neither_optimal_nor_stationary():
 # --------------------------------------------------------------------------- verdicts of GD runs
 @pytest.fixture(scope="module")
 def imbalanced_runs():
-    """THEORY §3.3's example, GD step 0.1: two restarts from init std 0.1, two from 0.3."""
+    """docs/theory.md §3.3's example, GD step 0.1: two restarts from init std 0.1, two from 0.3."""
     return run(IMBALANCED, steps=15_000, seeds=(0, 1, 0, 1), init_std=(0.1, 0.1, 0.3, 0.3))
 
 

@@ -88,7 +88,7 @@ def _register_theory(sub):
         "theory",
         help="exact global optimum of a UFM: c, thresholds, t*, f*, predicted geometry",
         description="The exact optimum of the bias-free (or unregularised-bias) MSE UFM of any "
-        "depth (THEORY.md §3). One λ per factor, H1 FIRST and the classifier last: "
+        "depth (docs/theory.md §3). One λ per factor, H1 FIRST and the classifier last: "
         "--lam λ_H λ_W for the plain UFM, --lam λ_H1 λ_W1 λ_W2 for the extended UFM.",
     )
     p.add_argument("--K", type=int, required=True, help="number of classes")

@@ -1,7 +1,7 @@
 """Reference frames and exactly collapsed configurations.
 
 Both frames are K x K Gram matrices with unit Frobenius norm, the targets that NC2/NC3
-compare normalised Gram matrices against (THEORY.md §1).
+compare normalised Gram matrices against (docs/theory.md §1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Neural-collapse metrics (THEORY.md §4): pure functions, float64 inside, floats out.
+"""Neural-collapse metrics (docs/metrics.md): pure functions, float64 inside, floats out.
 
 Layout: features are rows, ``H`` of shape (N, d); ``labels`` (N,) integers in 0..K-1;
 classifier ``W`` (K, d), ``b`` (K,). numpy arrays and torch tensors on any device are
@@ -23,7 +23,7 @@ nc3_duality_of     ‖W Mᵀ/‖W Mᵀ‖_F - O_K‖_F
 nc4                fraction of samples with argmin_k ‖h-μ_k‖ ≠ argmax_k (W h + b)_k
 =================  ====================================================================
 
-(M, M̃ are K x d here: row k is μ_k or μ_k - μ_G; the math of THEORY.md writes their
+(M, M̃ are K x d here: row k is μ_k or μ_k - μ_G; the math of docs/metrics.md writes their
 transposes.) E_K, O_K: :func:`nclab.frames.simplex_etf`, :func:`nclab.frames.orthogonal_frame`.
 
 Presets of other papers' conventions (``measure(..., preset=...)``):
@@ -519,7 +519,7 @@ def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
 @torch.inference_mode()
 def measure(features, labels, weights=None, bias=None, preset: str | None = None,
             num_classes: int | None = None, rtol: float = RTOL) -> dict[str, float]:
-    """Every collapse metric of THEORY.md §4 for features from anywhere.
+    """Every collapse metric of docs/metrics.md for features from anywhere.
 
     Args:
         features: (N, d) array or tensor; labels: (N,) integers in 0..K-1 (any order,

@@ -1,7 +1,7 @@
 """Exact global optima of the (extended / deep) linear unconstrained-features model.
 
 Pure closed forms (numpy, scipy, math); no optimisation loops. Reference:
-``THEORY.md`` §3 (Tirer & Bruna, ICML 2022, Theorems 3.1, 3.2, 4.1).
+``docs/theory.md`` §3 (Tirer & Bruna, ICML 2022, Theorems 3.1, 3.2, 4.1).
 
 **Convention for the regularisation strengths.** ``lams`` holds ONE λ PER FACTOR,
 ordered from the features upward, H₁ FIRST and the classifier LAST::
@@ -237,7 +237,7 @@ def check_width(d, K, bias: bool = False) -> None:
 
 # --------------------------------------------------------------------------- scalars
 def c_value(K, n, lam_H, lam_W) -> float:
-    """Plain-UFM constant c = K √(n λ_H λ_W) (THEORY §3.1)."""
+    """Plain-UFM constant c = K √(n λ_H λ_W) (docs/theory.md §3.1)."""
     K, n = _check_K(K), _check_n(n)
     lam_H, lam_W = _check_lam(lam_H, "lam_H"), _check_lam(lam_W, "lam_W")
     return _finite(_c_wide(K, n, (lam_H, lam_W)), "lam_H", "c = K√(nλ_Hλ_W)",
@@ -255,7 +255,7 @@ def _c_m(K: int, n: float, lams: tuple[float, ...]) -> float:
 
 
 def c_m(K, n, lams) -> float:
-    """Depth-m constant c_m = K (nΛ)^{1/m}, Λ = Π λ_i, m = len(lams) (THEORY §3.3).
+    """Depth-m constant c_m = K (nΛ)^{1/m}, Λ = Π λ_i, m = len(lams) (docs/theory.md §3.3).
 
     For m = 2 this equals :func:`c_value` (computed as K √(nΛ))."""
     K, n, lams = _check_K(K), _check_n(n), _check_lams(lams)
@@ -384,7 +384,7 @@ def f_star(K, n, lams, bias: bool = False) -> float:
     Without bias: f* = min φ_m = c − c²/2 (m = 2, c ≤ 1), φ_m(t*; c_m) (m ≥ 3,
     c_m < c_crit), and ½ otherwise (the zero solution).
 
-    With an unregularised bias (THEORY §3.2): eliminating b leaves the targets Y P,
+    With an unregularised bias (docs/theory.md §3.2): eliminating b leaves the targets Y P,
     P = I − 11ᵀ/N, whose singular values are √n (K − 1 times) and 0, each with the same
     c_m, so f* = ((K − 1)/K) · min φ_m, i.e. ((K − 1)/K)(c − c²/2) for m = 2 below
     threshold and (K − 1)/(2K) above it.
@@ -425,7 +425,7 @@ def f_star_imbalanced(class_counts, lams, bias: bool = False) -> float:
 # --------------------------------------------------------------------------- structure
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted global optimum of the balanced linear UFM (THEORY §3.1–§3.3).
+    """Predicted global optimum of the balanced linear UFM (docs/theory.md §3.1–§3.3).
 
     ``factor_sq_norms`` follows the order of ``lams`` (H₁ first); ``mean_sq_norms[l-1]``
     is ‖μ_{l,k}‖² at feature level l = 1..m−1 (H_l = A_l⋯A_1); ``gram_scale[l-1]`` is

@@ -56,7 +56,7 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
         if zero_opt:
             expect_zero = "undefined (optimum is H = 0)"
         other_value = "0 (an OF centred is an ETF)" if frame == "of" else f"{ETF_OF.get(K, float('nan')):.4f}"
-        nc1_expect = "0" if no_structure else expect_zero  # NC1 holds at every level (THEORY §3.4)
+        nc1_expect = "0" if no_structure else expect_zero  # NC1 holds at every level (docs/theory.md §3.4)
         lines += [f"| {level} NC1 | {_fmt(m['nc1'])} | {nc1_expect} |",
                   f"| {level} NC2 to {frame.upper()} | {_fmt(m[f'nc2_{frame}'])} | {expect_zero} |",
                   f"| {level} NC2 to {other.upper()} | {_fmt(m[f'nc2_{other}'])} | "

@@ -89,7 +89,7 @@ def _mean_sq_norm(result, best, level) -> float:
 
 
 def _theory(model) -> dict | None:
-    """The predicted optimum when THEORY.md §3 gives one (MSE, no/free bias, balanced)."""
+    """The predicted optimum when docs/theory.md §3 gives one (MSE, no/free bias, balanced)."""
     if ufm.optimal_objective(model, strict=False) is None or not model.balanced or min(model.lams) <= 0:
         return None
     p = theory.predict(model.K, model.class_counts[0], model.lams, bias=model.bias == "free")

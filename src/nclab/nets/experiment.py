@@ -11,7 +11,7 @@
                                checkpoint.pt (the figure is the combined one above)
 
 Runs: fig5 = ``mse_nobias`` (MSE, no classifier bias) and ``ce_bias`` (cross-entropy,
-bias); fig10 = ``mse_nobias``. Hyper-parameters follow THEORY.md §5 (SGD momentum 0.9,
+bias); fig10 = ``mse_nobias``. Hyper-parameters follow docs/theory.md §5 (SGD momentum 0.9,
 batch 128, lr divided by 10 every 40 epochs, weight decay 5e-4). The MSE runs use the UFM
 scaling 1/(2N)‖F - Y‖² with lr 0.01 and weight decay 2.5e-3: exactly torch.nn.MSELoss
 with lr 0.05 and weight decay 5e-4 (K = 10; step × 2/K, decay × K/2, see

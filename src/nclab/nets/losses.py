@@ -2,7 +2,7 @@
 
 Objectives (N samples, one-hot targets y_i in R^K, network output f(x_i) in R^K):
 
-* ``loss="mse"``: the UFM scaling, 1/(2N) Σ_i ‖f(x_i) - y_i‖² (THEORY.md §2). With SGD
+* ``loss="mse"``: the UFM scaling, 1/(2N) Σ_i ‖f(x_i) - y_i‖² (docs/theory.md §2). With SGD
   weight decay wd the objective is 1/(2N)‖F - Y‖² + wd/2 ‖θ‖², i.e. λ = wd per factor.
   ``torch.nn.MSELoss()`` (mean over N·K entries) equals (2/K) times this loss, so
   MSELoss + wd/2‖θ‖² = (2/K)·[1/(2N)‖F - Y‖² + (K·wd/2)/2 ‖θ‖²]: training with

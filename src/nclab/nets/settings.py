@@ -32,7 +32,7 @@ MAY_CHANGE_ON_RESUME = ("epochs", "device", "bf16", "channels_last", "measure_ba
 
 
 def nc3_frame(loss: str, bias: bool) -> str:
-    """The frame NC3 is measured against: "of" for bias-free MSE, else "etf" (THEORY §3.1, §4).
+    """The frame NC3 is measured against: "of" for bias-free MSE, else "etf" (docs/theory.md §3.1, docs/metrics.md).
 
     The bias-free MSE optimum has W ∝ Mᵀ with the *uncentred* means M (an orthogonal
     frame); with a bias, or with cross-entropy, W ∝ M̃ᵀ with the centred means (simplex ETF).

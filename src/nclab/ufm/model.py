@@ -1,4 +1,4 @@
-"""One description of the unconstrained-features model family (THEORY.md §2).
+"""One description of the unconstrained-features model family (docs/theory.md §2).
 
 Layout: samples are rows, as in PyTorch. For L weight layers and feature widths
 d_1..d_L the factors are

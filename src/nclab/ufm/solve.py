@@ -38,7 +38,7 @@ class DivergenceError(ValueError):
 
 
 def optimal_objective(model: UFM, lams=None, *, strict: bool = True) -> float | None:
-    """The exact global minimum f* when THEORY.md §3 knows it, else None.
+    """The exact global minimum f* when docs/theory.md §3 knows it, else None.
 
     Known: MSE without bias or with an unregularised bias, any depth with σ = identity,
     and the extended (L = 2) ReLU model (same value as linear, §3.4), for balanced

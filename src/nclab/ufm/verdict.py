@@ -1,6 +1,6 @@
 """A verdict for every UFM run: optimal, stuck at a stationary point the theory knows, or not converged.
 
-**Reduction (THEORY §3, :mod:`nclab.theory`).** For the bias-free linear MSE model with
+**Reduction (docs/theory.md §3, :mod:`nclab.theory`).** For the bias-free linear MSE model with
 m = L + 1 factors, λ_i > 0 and Λ = Π λ_i, every stationary point has NC1 (the H1 rows of
 a class solve the same linear equation), so the fit only sees the end-to-end map
 
@@ -17,7 +17,7 @@ equal class sizes only up to a rotation), and each direction contributes the sca
 
 whose stationary points are t = 0 and the roots of φ_m' = t − 1 + c t^{(2−m)/m}. Its
 non-zero local minimum t̂ (the largest root) is the optimum t* when c < c_crit(m); for
-m ≥ 3 zero is always a strict local minimum too (THEORY §3.3), so GD can end with some
+m ≥ 3 zero is always a strict local minimum too (docs/theory.md §3.3), so GD can end with some
 directions at zero. The value of such a point is
 
     f_stat = Σ_{k non-zero} (n_k/N) φ_m(t̂_k; c_k) + Σ_{k at zero} n_k/(2N),
@@ -69,7 +69,7 @@ __all__ = ["RTOL", "ZERO_TOL", "end_to_end", "gap_decay", "nonzero_stationary_t"
 #: default relative tolerance on the objective. The paper configs end at relative gaps of
 #: 4e-16 (fig3), 1e-9 (fig8), 5e-14 (ufm), 8e-14 (ufm-bias); ReLU at 1e5 iterations
 #: 1e-5..2e-5 (fig4's good restarts) and 4e-5 (fig9's best), still falling ~0.1 decade per
-#: 10⁴ iterations. THEORY §3.3's stuck example (tests/test_verdict.py) sits 1.4e-2 above f*.
+#: 10⁴ iterations. docs/theory.md §3.3's stuck example (tests/test_verdict.py) sits 1.4e-2 above f*.
 RTOL = 1e-4
 #: a direction is at zero when its t is below this fraction of the largest predicted t̂
 ZERO_TOL = 1e-3
