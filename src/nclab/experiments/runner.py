@@ -118,16 +118,22 @@ def _write_outputs(folder: Folder, run: UFMRun, rows, summary, frame) -> None:
 
 
 def _progress_printer(name: str, steps: int):
-    """A callable for ufm.solve's ``progress``: a line about every 10% of the run."""
+    """A callable for ufm.solve's ``progress``: a line about every 10% of the run, and a notice
+    when the pace of its first seconds says the whole run will take long (:mod:`nclab.eta`)."""
     import time
 
-    state = {"start": time.perf_counter(), "next": 0}
+    from nclab.eta import notice_if_long
+
+    state = {"start": time.perf_counter(), "next": 0, "judged": False}
 
     def report(it, recorder):
+        elapsed = time.perf_counter() - state["start"]
+        if not state["judged"] and (elapsed >= 2.0 or it == steps) and it > 0:
+            state["judged"] = True
+            notice_if_long(name, it, steps, elapsed, "iterations")
         if it < state["next"] and it != steps:
             return
         state["next"] = it + max(steps // 10, 1)
-        elapsed = time.perf_counter() - state["start"]
         gap = np.asarray(recorder.rows["gap"][-1])
         gap_txt = f"gap {np.nanmin(gap):.2e}" if np.isfinite(gap).any() else "objective " \
             f"{np.nanmin(recorder.rows['objective'][-1]):.4g}"

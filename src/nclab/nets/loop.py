@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nclab.eta import notice_if_long
 from nclab.nets import checkpoint
 from nclab.nets.data import ImageData, load_data, to_device
 from nclab.nets.distributed import Dist, all_reduce_sum, convert_batchnorm, current
 from nclab.nets.losses import sample_losses
-from nclab.nets.measure import METRIC_COLUMNS, Values, measure, measure_sets, measured_per_class, rows_of
+from nclab.nets.measure import (MEASURE_BUDGET, METRIC_COLUMNS, Values, measure, measure_sets, measured_per_class,
+                               rows_of)
 from nclab.nets.models import build_model
 from nclab.nets.probe import PENULTIMATE
 from nclab.nets.settings import TrainSettings
@@ -238,6 +240,7 @@ class Trainer:
         bar = tqdm(range(self.state.epoch + 1, last + 1), desc=self.folder.path().name or "train", unit="epoch",
                    disable=self.quiet or self.dist.rank != 0, initial=self.state.epoch, total=cfg.epochs,
                    mininterval=1.0)
+        first = self.state.epoch + 1
         for epoch in bar:
             self._sync()
             t0 = time.perf_counter()
@@ -245,6 +248,10 @@ class Trainer:
             self._sync()
             self.state.epoch_times.append(time.perf_counter() - t0)
             self.state.epoch = epoch
+            if epoch == first and not self.quiet and self.dist.rank == 0:  # the pace of the first epoch
+                per_epoch = self.state.epoch_times[-1] * (1 + MEASURE_BUDGET / self.cfg.eval_every)
+                notice_if_long(f"training {self.folder.path().name or 'the network'}", 1, last - first + 1,
+                               per_epoch, "epochs")
             self.record(epoch, {"train": {"network": running | {"lr": self.opt.param_groups[0]["lr"]}}})
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 t0 = time.perf_counter()
