@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nclab import theory, ufm
+from nclab import ufm
 from nclab.rundir import Folder
 from nclab.settings import PAPER, Settings, SettingsError, at_least, check_device, positive, setting
-from nclab.ufm.verdict import end_to_end
 
 SWEEPS = ("plain", "extended")
 #: GD iterations when ``steps`` is not given
@@ -64,6 +63,7 @@ class SweepSettings(Settings):
 
 def run_sweep(settings: SweepSettings, folder: Folder, *, quiet: bool = False) -> dict:
     """Solve the grid, write ``sweep.csv``, ``figure.{png,pdf}`` and ``config.toml`` to ``folder``."""
+    from nclab import theory  # scipy: only when a sweep runs (not to parse its flags)
     from nclab.io import toml_text
 
     folder.write_text("config.toml", toml_text(settings.to_dict()))
@@ -88,10 +88,13 @@ def run_sweep(settings: SweepSettings, folder: Folder, *, quiet: bool = False) -
 
 def end_to_end_scale(result) -> np.ndarray:
     """t = tr(W_L⋯W_1 M_1)/K per problem (B,), M_1 the class means of H1; theory: t*."""
+    from nclab.ufm.verdict import end_to_end  # torch: only when a sweep has run (not to parse its flags)
+
     return np.array([np.trace(end_to_end(result, b)) for b in range(len(result.seeds))]) / result.model.K
 
 
 def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -> dict:
+    from nclab import theory
     from nclab.plots import save_figure, sweep_figure  # matplotlib: only when a sweep is drawn
 
     last = f"H{model.L}"
