@@ -610,3 +610,67 @@ def test_any_normal_lambdas_give_finite_answers_or_a_named_error(log_lams, K, n,
     assert all(math.isfinite(v) and v >= 0 for v in values)
     assert 0 < p.f_star <= 0.5 and 0 <= p.t_star <= 1
     assert p.c == pytest.approx(K * math.exp((math.log(n) + sum(map(math.log, lams))) / len(lams)), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- imbalanced report
+SIZES = [5, 20, 60, 115]
+
+
+@pytest.mark.parametrize("lams", [(LAM, LAM), (LAM,) * 3, (0.05, 0.05)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_format_report_of_class_sizes_shows_each_shrinkage(lams, bias):
+    txt = T.format_report(4, SIZES, lams, bias=bias)
+    m, N = len(lams), sum(SIZES)
+    assert "imbalanced class sizes n_k = 5, 20, 60, 115" in txt and f"N = {N}" in txt
+    assert f"f* = Σ f* terms = {T._fixed(T.f_star_imbalanced(SIZES, lams, bias=bias))}" in txt
+    rows = [line.split() for line in txt.splitlines() if re.match(r"^\s+\d+\s+\S", line)]
+    assert len(rows) == 4
+    sig = T._target_singular_values(np.array(SIZES, float), bias)
+    s, val = T.scalar_shrinkage(sig, N, float(np.prod(lams)), m)
+    if bias:  # by σ, largest first; the mean direction (σ = 0) contributes nothing
+        order = np.argsort(-sig, kind="stable")
+        sig, s, val = sig[order], s[order], val[order]
+        assert rows[-1][1:] == ["0", "—", "0.00000000", "0", "0"]
+    for row, sg, sk, vk in zip(rows, sig, s, val):  # row: [k, n_k | j], σ, c, t*, s, f* term
+        assert float(row[-5]) == pytest.approx(sg, rel=1e-7)
+        assert float(row[-2]) == pytest.approx(sk, rel=1e-7, abs=1e-12)
+        assert float(row[-1]) == pytest.approx(vk, rel=1e-7)
+        if sg and not bias:
+            c = N * np.prod(lams) ** (1 / m) * sg ** (2 / m - 2)  # c of this class's scalar problem
+            assert float(row[-4]) == pytest.approx(c, rel=1e-7)
+            assert float(row[-3]) == pytest.approx(T.t_star(m, c), abs=1e-8)
+    vanished = [str(k) for k, row in enumerate(rows, 1) if float(row[-2]) == 0 and float(row[-5]) > 0]
+    if len(vanished) == (3 if bias else 4):
+        assert "ZERO solution" in txt
+    elif vanished:
+        assert f"the {'directions' if bias else 'classes'} {', '.join(vanished)} vanish" in txt
+    else:
+        assert "Optimum: non-zero" in txt
+
+
+def test_format_report_class_sizes_equal_or_one_is_the_balanced_report():
+    balanced = T.format_report(4, 50, (LAM, LAM, LAM))
+    assert T.format_report(4, [50] * 4, (LAM, LAM, LAM)) == balanced
+    assert T.format_report(4, [50], (LAM, LAM, LAM)) == balanced
+    assert T.format_report(4, np.array([50, 50, 50, 50]), (LAM, LAM, LAM)) == balanced
+
+
+@pytest.mark.parametrize("n, match", [([5, 20, 60], r"^n: give one class size for all classes or K = 4 sizes"),
+                                      ([5, 0, 60, 1], r"^n: the samples per class"),
+                                      ([5, 2.5, 60, 1], r"^n: the samples per class")])
+def test_format_report_bad_class_sizes(n, match):
+    with pytest.raises(ValueError, match=match):
+        T.format_report(4, n, (LAM, LAM))
+
+
+def test_cli_theory_class_sizes(capsys):
+    from nclab import cli
+
+    assert cli.main(["theory", "--K", "4", "--n", *map(str, SIZES), "--lam", str(LAM), str(LAM)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == T.format_report(4, SIZES, (LAM, LAM)) and "class  n_k" in out
+    assert cli.main(["theory", "--K", "4", "--n", "50", "--lam", str(LAM), str(LAM)]) == 0  # one n broadcasts
+    assert capsys.readouterr().out.strip() == T.format_report(4, 50, (LAM, LAM))
+    assert cli.main(["theory", "--K", "4", "--n", "5", "20", "--lam", str(LAM), str(LAM)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("nclab theory: error: n: give one class size"), err

@@ -92,7 +92,9 @@ def _register_theory(sub):
         "--lam λ_H λ_W for the plain UFM, --lam λ_H1 λ_W1 λ_W2 for the extended UFM.",
     )
     p.add_argument("--K", type=int, required=True, help="number of classes")
-    p.add_argument("--n", type=int, required=True, help="samples per class")
+    p.add_argument("--n", type=int, nargs="+", required=True, metavar="N",
+                   help="samples per class: one n (balanced), or the K class sizes n_1 ... n_K; "
+                   "imbalanced sizes show each class's shrinkage")
     p.add_argument("--lam", type=float, nargs="+", required=True, metavar="λ",
                    help="one λ per factor, H1 first (at least 2)")
     p.add_argument("--bias", action="store_true", help="with an unregularised classifier bias")
@@ -102,7 +104,7 @@ def _register_theory(sub):
 def _cmd_theory(args):
     from nclab.theory import format_report
 
-    print(format_report(args.K, args.n, tuple(args.lam), bias=args.bias))
+    print(format_report(args.K, args.n[0] if len(args.n) == 1 else args.n, tuple(args.lam), bias=args.bias))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -542,7 +542,27 @@ def _fixed(x: float) -> str:
 
 
 def format_report(K, n, lams, bias: bool = False) -> str:
-    """Human-readable summary of :func:`predict` (model, thresholds, optimum, geometry)."""
+    """Human-readable summary of :func:`predict` (model, thresholds, optimum, geometry).
+
+    ``n`` is the number of samples per class, or a sequence of the K class sizes n_k (one
+    size, or K equal ones, is the balanced model). Imbalanced sizes give the report of
+    :func:`f_star_imbalanced`: the scalar problem of every singular value σ of the targets
+    (σ_k = √n_k, one per class, without bias), its c, t* and shrunk value s = σ t*.
+    """
+    if isinstance(n, (list, tuple, np.ndarray)):
+        K = _check_K(K)
+        sizes = list(np.ravel(n)) if isinstance(n, np.ndarray) else list(n)
+        if len(sizes) == 1:
+            sizes = sizes * K
+        if len(sizes) != K:
+            raise ValueError(f"n: give one class size for all classes or K = {K} sizes, one per class "
+                             f"(got {len(sizes)})")
+        for x in sizes:
+            _check_n(x)  # names n, as the command's --n
+        counts = _check_counts(sizes)
+        if np.any(counts != counts[0]):
+            return _imbalanced_report(counts, lams, bool(bias))
+        n = counts[0]
     p = predict(K, n, lams, bias=bias)
     names = _factor_names(p.m)
     kind = {2: "plain UFM", 3: "extended UFM (linear)"}.get(p.m, f"deep linear UFM, L = {p.m - 1}")
@@ -576,4 +596,52 @@ def format_report(K, n, lams, bias: bool = False) -> str:
         lines.append(f"    classifier: W_{p.m - 1} = κ M_{p.m - 1}ᵀ, κ = {p.w_coeff:.8g}")
     if p.bias:
         lines.append(f"    bias: b* = (1/K)1 = {1.0 / p.K:.8g}·1, global mean μ_G = 0")
+    return "\n".join(lines)
+
+
+def _imbalanced_report(counts: np.ndarray, lams, bias: bool) -> str:
+    """:func:`format_report` for class sizes that differ: one line per singular value σ."""
+    lams = _check_lams(lams)
+    m, K, N = len(lams), len(counts), float(counts.sum())
+    if bias:
+        _check_fits(3 * 8 * K**2, "n", f"the {K}² eigenproblem of Y P")
+    names = _factor_names(m)
+    kind = {2: "plain UFM", 3: "extended UFM (linear)"}.get(m, f"deep linear UFM, L = {m - 1}")
+    root = _product(lams).root(m)
+    sig = _target_singular_values(counts, bias)
+    s, val = _shrinkage(sig, N, root, m)
+    cname = "c = N√Λ/σ" if m == 2 else f"c = NΛ^(1/{m})σ^(2/{m}−2)"
+    lines = [
+        f"Model: {kind}, m = {m} factors, K = {K}, imbalanced class sizes n_k = "
+        f"{', '.join(f'{x:g}' for x in counts)}, N = {N:g}, {'unregularised bias' if bias else 'no bias'}",
+        "  λ (H1 first): " + ", ".join(f"λ_{nm} = {lam:g}" for nm, lam in zip(names, lams)),
+        f"  one scalar problem per singular value σ of the targets "
+        + ("(those of Y P, P = I − 11ᵀ/N: the bias fits the mean direction)" if bias else "(σ_k = √n_k)")
+        + f", each with its own {cname}; c_crit = {_fixed(c_crit(m))}",
+        f"    {'j' if bias else 'class  n_k':>10}  {'σ':>14}  {'c':>14}  {'t*':>10}  {'s = σt*':>14}  {'f* term':>14}",
+    ]
+    order = range(K) if not bias else np.argsort(-sig, kind="stable")
+    zero = []
+    for j, idx in enumerate(order, 1):
+        sg = float(sig[idx])
+        if sg == 0.0:
+            c_txt, t = "—", 0.0
+        else:
+            sq = _Wide.of(sg) * _Wide.of(sg)
+            c = float(_Wide.of(N) * root * sq.root(m) / sq)
+            c_txt, t = (_fixed(c) if math.isfinite(c) else "> 1.8e308"), float(s[idx]) / sg
+            if t == 0.0:
+                zero.append(str(j))
+        head = f"{j}" if bias else f"{j:>5}  {counts[idx]:>3g}"
+        lines.append(f"    {head:>10}  {sg:>14.8g}  {c_txt:>14}  {t:>10.8f}  {float(s[idx]):>14.8g}  "
+                     f"{float(val[idx]):>14.8g}")
+    lines.append(f"  f* = Σ f* terms = {_fixed(float(np.sum(val)))}")
+    what = "directions" if bias else "classes"
+    if len(zero) == (K - 1 if bias else K):
+        lines.append("  Optimum: ZERO solution (every c >= c_crit): all factors vanish" + (", b* = n/N" if bias else ""))
+    elif zero:
+        lines.append(f"  Optimum: the {what} {', '.join(zero)} vanish (c >= c_crit: t* = 0); the others are "
+                     "shrunk to s = σ t*")
+    else:
+        lines.append(f"  Optimum: non-zero: every σ{' but the mean direction' if bias else ''} is shrunk to s = σ t* > 0")
     return "\n".join(lines)
