@@ -107,7 +107,8 @@ def select(names: list[str], opts: Options, given: dict[str, bool]) -> list[Expe
     """The experiments ``names`` (all UFM ones when empty), checked against the options.
 
     ``given``: option name -> whether the user set it. An unknown name gets a close-match
-    suggestion; an option that applies to none of the chosen experiments is an error.
+    suggestion; an option that applies to none of the chosen experiments is an error, and
+    so is choosing nothing (no names, and no built-in UFM configs found).
     """
     known = experiments()
     for name in names:
@@ -116,6 +117,9 @@ def select(names: list[str], opts: Options, given: dict[str, bool]) -> list[Expe
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"NAME: unknown experiment {name!r}{hint} (choose from {', '.join(known)})")
     chosen = [known[n] for n in dict.fromkeys(names)] or [e for e in known.values() if e.kind == "ufm"]
+    if not chosen:
+        raise ValueError(f"NAME: no experiment chosen: no built-in UFM config was found in {C.CONFIG_DIR} "
+                         f"(a damaged installation? reinstall nclab), or name one of {', '.join(known) or 'none'}")
     kinds = {e.kind for e in chosen}
     for kind, options in OPTIONS.items():
         for option in options:
