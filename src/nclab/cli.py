@@ -7,8 +7,69 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option that takes a value shows its default, unless its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and action.nargs != 0 and default is not None
+                and default is not argparse.SUPPRESS and "default" not in text):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+            text += f" (default {shown.replace('%', '%%')})"
+        return text
+
+
+class UsageError(SystemExit):
+    """A command line argparse refused; the one-line message is already on stderr."""
+
+
+class Parser(argparse.ArgumentParser):
+    """nclab's argument parsers: defaults in the help, one-line errors that name the fix.
+
+    The project rule for every error a user can cause, command lines included: one line on
+    stderr, exit status 2, naming the argument and the fix; a misspelt choice (a command,
+    ``--preset``, the sweep kind, ...) gets the closest valid one as a suggestion.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            names = [str(c) for c in action.choices]
+            close = difflib.get_close_matches(str(value), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise argparse.ArgumentError(action, f"invalid choice {value!r}{hint} (choose from {', '.join(names)})")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a subcommand's unknown option is reported by that subcommand,
+        with the closest option it has."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            while True:  # down to the subcommand that was chosen
+                subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+                chosen = subs and getattr(namespace, subs[0].dest, None)
+                if not chosen or chosen not in subs[0].choices:
+                    break
+                parser = subs[0].choices[chosen]
+            options = [o for a in parser._actions for o in a.option_strings]
+            close = difflib.get_close_matches(extras[0], options, n=1) if extras[0].startswith("-") else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace
+
+    def error(self, message):
+        text = " ".join(str(message).split())
+        print(f"{self.prog}: error: {text}; see '{self.prog} --help'", file=sys.stderr)
+        raise UsageError(2)
 
 
 def _register_measure(sub):
@@ -21,18 +82,23 @@ def _register_measure(sub):
     p.add_argument("file", nargs="?", help=".npz or .pt file with features and labels")
     p.add_argument("--example", action="store_true",
                    help="measure a built-in example (noisy simplex-ETF collapse, K=10) instead of FILE")
-    p.add_argument("--preset", choices=["papyan2020", "zhu2021"], help="another paper's conventions")
+    p.add_argument("--preset", choices=["papyan2020", "zhu2021"],
+                   help="another paper's conventions instead of nclab's own (default: none)")
     p.add_argument("--json", action="store_true", help="print the metrics as a JSON dict")
     p.set_defaults(func=_cmd_measure)
 
-    e = sub.add_parser("make-example", help="write an example feature file (.npz) to measure")
+    e = sub.add_parser("make-example", help="write an example feature file (.npz) to measure",
+                       description="Write OUT.npz with features, labels and classifier weights of a noisy "
+                       "collapsed configuration (class means on a simplex ETF or an orthogonal frame), "
+                       "for trying nclab measure.")
     e.add_argument("out", help="output .npz path")
-    e.add_argument("--K", type=int, default=10)
-    e.add_argument("--d", type=int, default=64)
+    e.add_argument("--K", type=int, default=10, help="number of classes")
+    e.add_argument("--d", type=int, default=64, help="feature dimension (at least K)")
     e.add_argument("--n", type=int, default=100, help="samples per class")
-    e.add_argument("--geometry", choices=["etf", "of"], default="etf")
+    e.add_argument("--geometry", choices=["etf", "of"], default="etf",
+                   help="class means on a simplex ETF (etf) or an orthogonal frame (of)")
     e.add_argument("--noise", type=float, default=0.05, help="within-class noise std")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="random seed")
     e.set_defaults(func=_cmd_make_example)
 
 
@@ -108,12 +174,13 @@ def _cmd_theory(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nclab", description="nclab: a laboratory for neural collapse. Exact unconstrained-features "
         "models and their theory, collapse metrics (NC1-NC4) for any features, and the experiments of "
         "Tirer & Bruna (ICML 2022).")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="one of the commands below; 'nclab COMMAND --help' shows its options")
     for register in _registrars():
         register(sub)
     return parser
@@ -141,7 +208,10 @@ def _version():
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # the message is on stderr; --help and --version still exit
+        return exc.code
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,10 +12,11 @@ RUNS = Path("runs")
 def register(sub) -> None:
     p = sub.add_parser("reproduce", help="rerun the paper's experiments: figures, tables, report",
                        description="Rerun the paper's UFM experiments (all of them when no NAME is given) or "
-                       f"the network ones ({', '.join(registry.NETWORK)}, by name), and write DIR/report.md.")
+                       f"the network ones ({', '.join(registry.NETWORK)}, by name), and write report.md to --out.")
     p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: every UFM one)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/reproduce-<date-time>)")
-    p.add_argument("--iterations", type=int, help="GD iterations for every UFM experiment")
+    p.add_argument("--iterations", type=int,
+                   help="GD iterations for every UFM experiment (default: each experiment's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: 1/{registry.QUICK_FACTOR} of the iterations, tiny networks")
@@ -27,8 +28,9 @@ def register(sub) -> None:
                        description="Solve the UFM described by CONFIG.toml (see nclab.experiments.config) "
                        "and write config.toml, metrics.csv, summary.json and figure.{png,pdf} to --out.")
     r.add_argument("config", help="a TOML config, e.g. the config.toml of an earlier run")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value, e.g. --set solver.steps=5000 --set model.lams=[0.01,0.01]")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a value of the config (repeatable), e.g. --set solver.steps=5000 "
+                   "--set model.lams=[0.01,0.01] (default: none)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<name>-<date-time>)")
     _add_folder_options(r)
     r.set_defaults(func=_cmd_run)
@@ -39,14 +41,24 @@ def register(sub) -> None:
                        description="Phase diagrams of the plain (c = K√(nλ_Hλ_W)) or extended linear UFM "
                        "(c₃): the whole λ grid solved in one batched run per initialisation scale, against "
                        "the exact optimum.")
-    s.add_argument("kind", choices=SWEEPS)
+    s.add_argument("kind", choices=SWEEPS, metavar="KIND", help=_sweep_help(SweepSettings, "kind"))
     s.add_argument("--out", type=Path, help="output folder (default: runs/sweep-<kind>-<date-time>)")
     for name in ("K", "n", "d", "points", "steps", "lr", "seed", "device"):
         kind = {"device": str, "lr": float}.get(name, int)
-        s.add_argument(f"--{name}", type=kind, help=SweepSettings.help(name))
-    s.add_argument("--init-std", dest="init_stds", type=float, nargs="+", help=SweepSettings.help("init_stds"))
+        s.add_argument(f"--{name}", type=kind, metavar=name.upper(), help=_sweep_help(SweepSettings, name))
+    s.add_argument("--init-std", dest="init_stds", type=float, nargs="+", metavar="STD",
+                   help=_sweep_help(SweepSettings, "init_stds"))
     _add_folder_options(s)
     s.set_defaults(func=_cmd_sweep)
+
+
+def _sweep_help(settings_class, name: str) -> str:
+    """A sweep setting's help for argparse: its default as typed on the command line, % escaped."""
+    text = settings_class.help(name)
+    default = settings_class.__dataclass_fields__[name].default
+    if isinstance(default, tuple):
+        text = text.replace(f"(default {default})", f"(default {' '.join(map(str, default))})")
+    return text.replace("%", "%%")
 
 
 def _add_folder_options(p) -> None:
@@ -132,7 +144,8 @@ def _cmd_run(args) -> None:
     from nclab.experiments.runner import load_summary, run_experiment
     from nclab.rundir import RunDir
 
-    run = C.apply_overrides(C.load(args.config), args.set)
+    _check_set_keys(args.set or [])
+    run = C.apply_overrides(C.load(args.config), args.set or [])
     with RunDir(args.out or default_out(run.name), mode=_mode(args)) as rd:
         folder = rd.folder()
         summary = _run_part(rd, run.name, run.to_dict(), lambda: run_experiment(run, folder, quiet=args.quiet),
@@ -140,6 +153,26 @@ def _cmd_run(args) -> None:
     gap = summary["gap"]
     _say(args, f"wrote {rd.root}: objective {summary['objective']:.10g}"
          + (f", f* {summary['objective_optimal']:.10g}, gap {gap:.3e}" if gap is not None else ""))
+
+
+def _check_set_keys(assignments: list[str]) -> None:
+    """A ``--set`` key outside every section gets the closest known key as a suggestion (a
+    misspelt key inside a section is reported by the settings, with their suggestion)."""
+    import difflib
+
+    from nclab.experiments import config as C
+
+    known = [*C.TOP_LEVEL, *(f"{section}.{key}" for section, cls in (("model", C.UFM), ("solver", C.GD))
+                             for key in cls.field_names()), "expect.frame"]
+    for item in assignments:
+        dotted = item.split("=", 1)[0].strip()
+        parts = dotted.split(".")
+        if "=" not in item or dotted in C.TOP_LEVEL or (len(parts) == 2 and parts[0] in C.SECTIONS):
+            continue
+        close = difflib.get_close_matches(dotted, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"--set: unknown key {dotted!r}{hint} (a key is section.key with a section in "
+                         f"{', '.join(C.SECTIONS)}, or one of {', '.join(C.TOP_LEVEL)})")
 
 
 def _cmd_sweep(args) -> None:

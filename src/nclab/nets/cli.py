@@ -25,7 +25,9 @@ def _flag_type(name: str):
 def register(sub) -> None:
     """Add the ``train`` subcommand to an argparse subparsers object (one flag per TrainSettings field)."""
     p = sub.add_parser("train", help="train a network (ResNet18/MLP) and measure collapse per layer",
-                       description=__doc__.splitlines()[0] + " Writes config.toml, metrics.csv, "
+                       description="Train a network and measure collapse layer by layer. Settings come from "
+                       "--config FILE (TOML), overridden by any flag given; under torchrun --nproc-per-node P "
+                       "-m nclab train ... the run is data-parallel. Writes config.toml, metrics.csv, "
                        "summary.json, figure.png/.pdf and checkpoint.pt to --out.")
     p.add_argument("--out", required=True, help="output folder (an existing run needs --resume)")
     p.add_argument("--config", help="TOML file of settings (flags override it)")
