@@ -105,3 +105,13 @@ def test_reproduce_with_nothing_to_run_is_an_error(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no experiment chosen" in err and "fig5" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_command_reference_page_is_current():
+    """docs/cli.md is generated from the parser: regenerate with `python -m nclab.clidoc > docs/cli.md`."""
+    from pathlib import Path
+
+    from nclab.clidoc import reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert page.read_text() == reference() + "\n", "docs/cli.md is stale: python -m nclab.clidoc > docs/cli.md"
