@@ -6,7 +6,7 @@ features from any model, and the experiments of Tirer & Bruna (ICML 2022).
 The exports below are imported on first use (PEP 562), so that ``import nclab`` and the
 ``nclab`` command's parsing, help and theory do not load torch.
 """
-import importlib
+from nclab._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,13 +26,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"nclab.{_WHERE[name]}"), name)
-        globals()[name] = value  # later look-ups skip __getattr__
-        return value
-    raise AttributeError(f"module 'nclab' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -615,7 +615,7 @@ def _imbalanced_report(counts: np.ndarray, lams, bias: bool) -> str:
         f"Model: {kind}, m = {m} factors, K = {K}, imbalanced class sizes n_k = "
         f"{', '.join(f'{x:g}' for x in counts)}, N = {N:g}, {'unregularised bias' if bias else 'no bias'}",
         "  λ (H1 first): " + ", ".join(f"λ_{nm} = {lam:g}" for nm, lam in zip(names, lams)),
-        f"  one scalar problem per singular value σ of the targets "
+        "  one scalar problem per singular value σ of the targets "
         + ("(those of Y P, P = I − 11ᵀ/N: the bias fits the mean direction)" if bias else "(σ_k = √n_k)")
         + f", each with its own {cname}; c_crit = {_fixed(c_crit(m))}",
         f"    {'j' if bias else 'class  n_k':>10}  {'σ':>14}  {'c':>14}  {'t*':>10}  {'s = σt*':>14}  {'f* term':>14}",

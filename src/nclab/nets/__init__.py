@@ -14,7 +14,7 @@
   ``report_markdown``.
 * :mod:`nclab.nets.cli`: the ``nclab train`` command.
 """
-import importlib
+from nclab._lazy import lazy_exports
 
 #: public name -> the module that defines it; imported on first use, so that reading the
 #: settings (the ``nclab`` command's flags) does not load the network code and torch
@@ -23,11 +23,7 @@ _WHERE = {"NETWORK_EXPERIMENTS": "experiment", "report_markdown": "experiment",
           "TrainSettings": "settings", "train": "training"}
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"nclab.nets.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'nclab.nets' has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 __all__ = ["NETWORK_EXPERIMENTS", "TrainSettings", "measure_layers", "record_features", "report_markdown",
            "run_network_experiment", "train"]

@@ -8,7 +8,7 @@
 The names are imported on first use (PEP 562): the settings classes (:class:`GD`,
 :class:`UFM`) load without torch, which only the solver needs.
 """
-import importlib
+from nclab._lazy import lazy_exports
 import sys
 import types
 
@@ -25,16 +25,7 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value  # later look-ups skip __getattr__
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 
 class _Package(types.ModuleType):
