@@ -144,7 +144,6 @@ def _cmd_run(args) -> None:
     from nclab.experiments.runner import load_summary, run_experiment
     from nclab.rundir import RunDir
 
-    _check_set_keys(args.set or [])
     run = C.apply_overrides(C.load(args.config), args.set or [])
     with RunDir(args.out or default_out(run.name), mode=_mode(args)) as rd:
         folder = rd.folder()
@@ -153,26 +152,6 @@ def _cmd_run(args) -> None:
     gap = summary["gap"]
     _say(args, f"wrote {rd.root}: objective {summary['objective']:.10g}"
          + (f", f* {summary['objective_optimal']:.10g}, gap {gap:.3e}" if gap is not None else ""))
-
-
-def _check_set_keys(assignments: list[str]) -> None:
-    """A ``--set`` key outside every section gets the closest known key as a suggestion (a
-    misspelt key inside a section is reported by the settings, with their suggestion)."""
-    import difflib
-
-    from nclab.experiments import config as C
-
-    known = [*C.TOP_LEVEL, *(f"{section}.{key}" for section, cls in (("model", C.UFM), ("solver", C.GD))
-                             for key in cls.field_names()), "expect.frame"]
-    for item in assignments:
-        dotted = item.split("=", 1)[0].strip()
-        parts = dotted.split(".")
-        if "=" not in item or dotted in C.TOP_LEVEL or (len(parts) == 2 and parts[0] in C.SECTIONS):
-            continue
-        close = difflib.get_close_matches(dotted, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"--set: unknown key {dotted!r}{hint} (a key is section.key with a section in "
-                         f"{', '.join(C.SECTIONS)}, or one of {', '.join(C.TOP_LEVEL)})")
 
 
 def _cmd_sweep(args) -> None:

@@ -149,8 +149,12 @@ def apply_overrides(run: UFMRun, assignments: list[str]) -> UFMRun:
         elif len(parts) == 2 and parts[0] in SECTIONS:
             data.setdefault(parts[0], {})[parts[1]] = value
         else:
-            raise ValueError(f"--set: {dotted!r} is not section.key with a section in {', '.join(SECTIONS)} "
-                             f"(or one of {', '.join(TOP_LEVEL)})")
+            known = [*TOP_LEVEL, *(f"model.{k}" for k in UFM.field_names()),
+                     *(f"solver.{k}" for k in GD.field_names()), "expect.frame"]
+            close = difflib.get_close_matches(dotted.strip(), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--set: unknown key {dotted.strip()!r}{hint} (a key is section.key with a section in "
+                             f"{', '.join(SECTIONS)}, or one of {', '.join(TOP_LEVEL)})")
     try:
         return UFMRun.from_dict(data)
     except SettingsError as exc:
