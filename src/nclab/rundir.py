@@ -250,6 +250,19 @@ class RunDir:
             record["kept"] = True
             self._write_manifest()
 
+    @contextlib.contextmanager
+    def redraw(self, part: str):
+        """Write as the existing part ``part`` without re-checking its settings or marking it
+        incomplete (``nclab plot`` redrawing a finished run's figures from its tables): files it
+        writes are owned by ``part``, as if the part had written them."""
+        if self.part(part) is None:
+            raise RunDirError(f"{self.root}: no part {part!r} in this run folder")
+        previous, self._current = self._current, part
+        try:
+            yield self
+        finally:
+            self._current = previous
+
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def atomic(self, rel):

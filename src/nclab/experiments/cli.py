@@ -51,6 +51,10 @@ def register(sub) -> None:
     _add_folder_options(s)
     s.set_defaults(func=_cmd_sweep)
 
+    from nclab.experiments.plot_cmd import register as register_plot
+
+    register_plot(sub)
+
 
 def _sweep_help(settings_class, name: str) -> str:
     """A sweep setting's help for argparse: its default as typed on the command line, % escaped."""

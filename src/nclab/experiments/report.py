@@ -35,6 +35,8 @@ def ufm_section(summary: dict, rel_dir: str) -> str:
              + (" Restarts: " + "; ".join(f"{i}: {line}" for i, line in enumerate(summary["restart_verdicts"]))
                 + "." if len(summary["restart_verdicts"]) > 1 else ""), "",
              f"![{summary['name']}]({rel_dir}/figure.png)  ", f"[pdf]({rel_dir}/figure.pdf) · "
+             f"[column width]({rel_dir}/figure-column.pdf) · [caption]({rel_dir}/caption.md) · "
+             f"[restarts.csv]({rel_dir}/restarts.csv) · "
              f"[metrics.csv]({rel_dir}/metrics.csv) · [summary.json]({rel_dir}/summary.json) · "
              f"[config.toml]({rel_dir}/config.toml)", "",
              "| quantity | measured | theory |", "|---|---|---|",

@@ -15,7 +15,6 @@ import torch
 from nclab import theory, ufm
 from nclab.experiments.config import UFMRun
 from nclab.metrics import class_means_t
-from nclab.plots import save_figure, ufm_figure
 from nclab.rundir import Folder
 from nclab.ufm.verdict import verdict_line, verdicts
 from nclab.ufm.solve import LEVEL_METRICS
@@ -32,8 +31,22 @@ def run_experiment(run: UFMRun, folder: Folder, *, quiet: bool = False) -> dict:
     best = int(np.nanargmin(result.final("objective")))
     rows = _rows(result, best, frame)
     summary = _summary(run, result, best, frame)
-    _write_outputs(folder, run, rows, summary, frame)
+    _write_outputs(folder, run, rows, _restart_rows(result, frame), summary, frame)
     return summary
+
+
+def _restart_rows(result, frame) -> list[dict]:
+    """restarts.csv rows: every restart's objective, gap and per-level NC1/NC2/NC3 history."""
+    levels = [f"H{l}" for l in range(1, result.model.L + 1)]
+    out = []
+    for b in range(len(result.final("objective"))):
+        for r in result.rows(b):
+            row = {"restart": b, "iteration": r["iteration"], "objective": r["objective"], "gap": r["gap"]}
+            for level in levels:
+                row.update({f"{level}.nc1": r[f"{level}.nc1"], f"{level}.nc2_{frame}": r[f"{level}.nc2_{frame}"],
+                            f"{level}.nc3": r[f"{level}.nc3_{frame}"]})
+            out.append(row)
+    return out
 
 
 def _rows(result, best, frame) -> list[dict]:
@@ -107,14 +120,65 @@ def _clean(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _write_outputs(folder: Folder, run: UFMRun, rows, summary, frame) -> None:
+def _write_outputs(folder: Folder, run: UFMRun, rows, restart_rows, summary, frame) -> None:
     folder.write_csv("metrics.csv", rows)
+    folder.write_csv("restarts.csv", restart_rows)
     folder.write_json("summary.json", summary)
-    history = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    title = (f"{summary['title']}  |  {summary['verdict_line']}"
-             + (f"  |  best of {run.solver.restarts} restarts" if run.solver.restarts > 1 else ""))
-    levels = [f"H{l}" for l in range(1, run.model.L + 1)]
-    save_figure(ufm_figure(history, levels, frame, summary["objective_optimal"], title), "figure", folder)
+    draw_ufm(folder)
+
+
+def _read_csv(path) -> dict[str, np.ndarray]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
+
+
+def draw_ufm(folder: Folder, **save_kw) -> list:
+    """Draw figure.{pdf,png}, figure-column.{pdf,png} and caption.md of a UFM run folder from its
+    saved tables (metrics.csv, restarts.csv when present, summary.json, config.toml); nothing is
+    recomputed, so ``nclab plot`` calls this too."""
+    from nclab.io import read_toml
+    from nclab.plots import save_ufm, setting_text
+
+    summary = json.loads(folder.path("summary.json").read_text())
+    config = read_toml(folder.path("config.toml"))
+    best = _read_csv(folder.path("metrics.csv"))
+    restarts = []
+    if folder.path("restarts.csv").is_file():
+        table = _read_csv(folder.path("restarts.csv"))
+        for b in np.unique(table["restart"]):
+            sel = table["restart"] == b
+            restarts.append({k: v[sel] for k, v in table.items()})
+    frame = summary["expected_frame"]
+    for key in [k for k in best if k.endswith(f".nc2_{frame}")]:
+        best.setdefault(key, best[key])
+    levels = sorted({k.split(".")[0] for k in best if k.startswith("H") and k.endswith(".nc1")})
+    model, solver = config.get("model", {}), config.get("solver", {})
+    lams = model.get("lams", model.get("lam"))
+    setting = {"K": summary.get("K"), "n": model.get("n"), "d": model.get("dims", model.get("d")),
+               "λ": lams, "steps": solver.get("steps"), "lr": solver.get("lr"),
+               "restarts": solver.get("restarts")}
+    title = f"{summary['title']}\n{setting_text(setting)}"
+    paths = save_ufm(folder, best, restarts, levels, frame, summary.get("objective_optimal"), title,
+                     summary["verdict_line"], **save_kw)
+    theory_ = summary.get("theory") or {}
+    f_star = summary.get("objective_optimal")
+    lines = [f"# {summary['name']}: {summary['title']}", "",
+             f"**Setting.** {summary.get('model')}; " + setting_text(setting)
+             + f"; seed={solver.get('seed')}, init std={solver.get('init_std')}.", "",
+             "**Theory.** " + (f"f* = {f_star:.6g}" if f_star is not None else "no closed-form f* for this model")
+             + f"; expected structure: collapse to the {frame.upper()} frame"
+             + (f", c = {theory_['c']:.4g}, c_crit = {theory_['c_crit']:.4g}, t* = {theory_['t_star']:.4g}"
+                if theory_ else "") + ".", "",
+             f"**Verdict.** {summary['verdict_line']}", "",
+             "Panels: objective (restarts thin gray, best black, f* dashed), gap f − f* (log; gaps below "
+             "1e-16 left out), NC1, NC2 against the expected frame, NC3, per feature level.", ""]
+    folder.write_text("caption.md", "\n".join(lines))
+    return paths
 
 
 def _progress_printer(name: str, steps: int):

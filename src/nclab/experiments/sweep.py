@@ -93,38 +93,74 @@ def end_to_end_scale(result) -> np.ndarray:
     return np.array([np.trace(end_to_end(result, b)) for b in range(len(result.seeds))]) / result.model.K
 
 
+#: a sweep point counts as converged when its gap to the exact f* is below this (relative to max(f*, 1e-3))
+CONVERGED_REL_GAP = 1e-3
+
+
 def _write(kind, folder: Folder, results, c_grid, lam, stds, m, c_crit, model) -> dict:
     from nclab import theory
-    from nclab.plots import save_figure, sweep_figure  # matplotlib: only when a sweep is drawn
 
-    last = f"H{model.L}"
     levels = [f"H{l}" for l in range(1, model.L + 1)]
     t_end = [end_to_end_scale(r) for r in results]
     rows = []
     for s, r, t in zip(stds, results, t_end):
         for i, c in enumerate(c_grid):
+            f_star, gap = float(r.f_star[i]), float(r.final("gap")[i])
+            converged = bool(np.isfinite(gap) and gap <= CONVERGED_REL_GAP * max(abs(f_star), 1e-3))
             rows.append({"c": c, "lam": lam[i], "init_std": s, "lr": r.settings.lr,
-                         "objective": r.final("objective")[i], "f_star": r.f_star[i], "gap": r.final("gap")[i],
-                         "t": t[i], "t_star": theory.t_star(m, c),
+                         "objective": r.final("objective")[i], "f_star": f_star, "gap": gap,
+                         "t": t[i], "t_star": theory.t_star(m, c), "converged": int(converged),
                          **{f"{lv}.{k}": r.final(f"{lv}.{k}")[i] for lv in levels for k in ("nc1", "nc2_of", "nc2_etf")}})
     folder.write_csv("sweep.csv", rows)
+    summary = {"kind": kind, "m": m, "K": model.K, "n": int(model.class_counts[0]), "d": int(model.dims[0]),
+               "c_crit": float(c_crit), "rows": len(rows), "init_stds": list(stds),
+               "lr": [r.settings.lr for r in results], "iterations": results[0].iterations}
+    folder.write_json("summary.json", summary)
+    draw_sweep(folder)
+    return summary
+
+
+def draw_sweep(folder: Folder, **save_kw) -> list:
+    """Draw figure{,-column}.{pdf,png} of a sweep folder from sweep.csv and summary.json only
+    (``nclab plot`` calls this too). NC values where the solution is H = 0 (theory t* = 0, or a
+    point that fell to t < 1e-3) or NaN are left out; unconverged points are hollow."""
+    import json
+
+    from nclab import theory
+    from nclab.experiments.runner import _read_csv
+    from nclab.plots import save_sweep  # matplotlib: only when a sweep is drawn
+
+    summary = json.loads(folder.path("summary.json").read_text())
+    tab = _read_csv(folder.path("sweep.csv"))
+    m = int(summary.get("m", 2 if summary["kind"] == "plain" else 3))
+    c_crit = float(summary.get("c_crit", theory.c_crit(m)))
+    stds = sorted(set(tab["init_std"].tolist()))
+    last = max(k.split(".")[0] for k in tab if k.startswith("H") and k.endswith(".nc1"))
+    first = tab["init_std"] == stds[0]
+    c_grid = tab["c"][first]
+    label = lambda s: f"GD, init std {s:g}"  # noqa: E731
+
+    def col(key, s, undefined_at_zero=False):
+        sel = tab["init_std"] == s
+        v = tab[key][sel].astype(float)
+        if undefined_at_zero:  # H = 0: NC metrics undefined
+            v = np.where((tab["t_star"][sel] == 0) | (np.abs(tab["t"][sel]) < 1e-3), np.nan, v)
+        return v
+
+    series = lambda key, z=False: {label(s): col(key, s, z) for s in stds}  # noqa: E731
+    converged = {label(s): tab["converged"][tab["init_std"] == s] > 0 for s in stds} if "converged" in tab else None
     fine = np.linspace(c_grid[0], c_grid[-1], 600)
     t_fine = np.array([theory.t_star(m, c) for c in fine])
-    f_fine = [theory.phi(m, c, t) if t > 0 else 0.5 for c, t in zip(fine, t_fine)]
-    label = lambda s: f"GD, init std {s:g}"  # noqa: E731
-    series = lambda key: {label(s): r.final(key) for s, r in zip(stds, results)}  # noqa: E731
+    f_fine = np.array([theory.phi(m, c, t) if t > 0 else 0.5 for c, t in zip(fine, t_fine)])
     panels = [
-        dict(title="final objective vs exact optimum f*", series=series("objective"), theory=(fine, f_fine)),
-        dict(title="end-to-end scale t = tr(W⋯W M₁ᵀ)/K vs t*",
-             series={label(s): t for s, t in zip(stds, t_end)}, theory=(fine, t_fine)),
-        dict(title=f"final NC1 of {last}", series=series(f"{last}.nc1"), log=True),
-        dict(title=f"final NC2 (OF) of {last}", series=series(f"{last}.nc2_of"), log=True),
+        dict(title="final objective f", series=series("objective"), theory=(fine, f_fine)),
+        dict(title="scale t (theory t*)", series=series("t"), theory=(fine, t_fine)),
+        dict(title=f"NC1 of {last}", series=series(f"{last}.nc1", True), log=True),
+        dict(title=f"NC2 (OF) of {last}", series=series(f"{last}.nc2_of", True), log=True),
     ]
     x_label = "c = K√(nλ_Hλ_W)" if m == 2 else "c₃ = K(nλ_H1λ_W1λ_W2)^(1/3)"
-    title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={model.K}, n={model.class_counts[0]}, "
-             f"d={model.dims[0]}, equal λ, {results[0].iterations} GD steps (NC metrics are undefined where H = 0)")
-    save_figure(sweep_figure(c_grid, x_label, panels, c_crit, title), "figure", folder)
-    summary = {"kind": kind, "rows": len(rows), "init_stds": list(stds), "lr": [r.settings.lr for r in results],
-               "iterations": results[0].iterations}
-    folder.write_json("summary.json", summary)
-    return summary
+    thresholds = {"c = 1": 1.0} if m == 2 else {f"c_crit = 2^(-4/3) ≈ {c_crit:.3g}": c_crit}
+    title = (f"{'Plain' if m == 2 else 'Extended linear'} UFM phase diagram: K={summary.get('K')}, "
+             f"n={summary.get('n')}, d={summary.get('d')}, equal λ, {summary['iterations']} GD steps\n"
+             "NC values left out where H = 0 (undefined); hollow: gap to f* above 1e-3 relative")
+    return save_sweep(folder, c_grid, x_label, panels, thresholds, title, converged=converged, save_kw=save_kw)
