@@ -6,7 +6,8 @@
                                with ``nclab train --config out_dir/config.toml --out DIR``
     out_dir/metrics.csv        run, epoch, split, layer, metric, value (all runs)
     out_dir/summary.json       experiment, data source, wall time, runs: {NAME: summary}
-    out_dir/figure.png, .pdf   the paper's layout, one row per run
+    out_dir/figure.png, .pdf   the paper's layout (nclab.nets.plots), runs side by side;
+                               figure-column.png/.pdf the same at column width; caption.md
     out_dir/NAME/              each run's own config.toml, metrics.csv, summary.json and
                                checkpoint.pt (the figure is the combined one above)
 
@@ -110,10 +111,11 @@ def _train_runs(runs: dict[str, TrainSettings], folder: Folder, experiment: str,
         folder.write_csv("metrics.csv", [{"run": run, **r} for run, rs in rows.items() for r in rs],
                          ["run", *METRIC_COLUMNS])
         folder.write_json("summary.json", summary)
-        from nclab.nets.plots import plot_runs
+        from nclab.nets.plots import caption, plot_runs, run_title
 
-        plot_runs(rows, "figure", folder, titles={r: f"{TITLES.get(r, r)} ({runs[r].dataset})" for r in rows},
+        plot_runs(rows, "figure", folder, titles={r: run_title(r, summaries[r]) for r in rows},
                   nc3_frames={r: nc3_frame(runs[r].loss, runs[r].bias) for r in rows})
+        folder.write_text("caption.md", caption(summary))
     return summary
 
 

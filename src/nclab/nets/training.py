@@ -55,7 +55,7 @@ def train(settings: TrainSettings, out, *, resume: bool = False, force: bool = F
     already holds files unless ``resume`` or ``force``, locked, nothing left behind by an
     early failure) or a :class:`nclab.rundir.Folder` of a run folder that is already open.
     Writes config.toml, checkpoint.pt (every epoch, atomically), metrics.csv (after every
-    metric pass), summary.json and figure.png/.pdf (the Fig 5 layout) at the end.
+    metric pass), summary.json, figure.png/.pdf, figure-column.png/.pdf (the Fig 5 layout) and caption.md at the end.
     ``resume=True`` continues from its checkpoint.pt when there is one (the settings must
     match; ``epochs`` may grow); ``force=True`` removes the files of nclab's earlier run
     first (never the user's). ``stop_after=e`` stops after epoch e as if interrupted (tests).
@@ -83,11 +83,12 @@ def _train(settings: TrainSettings, folder: Folder, *, resume: bool, quiet: bool
             trainer.close()  # also on errors: DDP must go before its process group
         rows, finished = trainer.state.rows, trainer.state.epoch >= settings.epochs
     if figure and dist.rank == 0 and finished:
-        from nclab.nets.plots import plot_runs
+        from nclab.nets.plots import caption, plot_runs
 
         name = folder.path().name or "run"
         plot_runs({name: rows}, "figure", folder, titles={name: _title(settings)},
                   nc3_frames={name: settings.nc3_frame})
+        folder.write_text("caption.md", caption(summary, name))
     if dist.rank == 0:
         warn_budget(summary, folder.path())
     return summary
