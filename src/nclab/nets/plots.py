@@ -172,11 +172,13 @@ def figure(runs: dict[str, list[dict]], size: str, *, titles: dict[str, str] | N
 
 
 def plot_runs(runs: dict[str, list[dict]], stem: str, folder, *, titles: dict[str, str] | None = None,
-              nc3_frames: dict[str, str] | None = None) -> list[Path]:
+              nc3_frames: dict[str, str] | None = None, sizes=figstyle.SIZES,
+              formats=("pdf", "png")) -> list[Path]:
     """Save the figure of ``runs`` (run name -> metrics.csv rows) at both sizes into ``folder``
     (a :class:`nclab.rundir.Folder`): ``stem``.pdf/.png and ``stem``-column.pdf/.png.
     titles: run name -> title; nc3_frames: run name -> "of" or "etf" (default "etf")."""
-    return figstyle.save(lambda size: figure(runs, size, titles=titles, nc3_frames=nc3_frames), folder, stem)
+    return figstyle.save(lambda size: figure(runs, size, titles=titles, nc3_frames=nc3_frames), folder, stem,
+                         sizes=sizes, formats=formats)
 
 
 # ---------------------------------------------------------------------------- redraw, caption
@@ -200,7 +202,8 @@ def caption(summary: dict, name: str = "run") -> str:
     lines = [f"# {head}: collapse of the penultimate features during training, and NC1 through depth", ""]
     data = summary.get("data_source") or next(iter(runs.values()), {}).get("data_source", "?")
     real = summary.get("real_data", next(iter(runs.values()), {}).get("real_data", False))
-    lines += [f"Data: {data}" + ("" if real else " (an offline stand-in, not the paper's data)") + ".", ""]
+    stand_in = "" if real or "stand-in" in str(data) else " (an offline stand-in, not the paper's data)"
+    lines += [f"Data: {data}{stand_in}.", ""]
     for run, s in runs.items():
         cfg = s.get("config", {})
         lr, wd = s.get("sgd_lr", cfg.get("lr")), s.get("sgd_weight_decay", cfg.get("weight_decay"))
@@ -224,10 +227,11 @@ def _g(v) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
-def redraw(run_dir: Path, folder) -> list[Path]:
+def redraw(run_dir: Path, folder, *, sizes=figstyle.SIZES, formats=("pdf", "png")) -> list[Path]:
     """Redraw the figures (figure[-column].pdf/.png) and caption.md of a network experiment's
     or a single train run's folder ``run_dir`` from its metrics.csv and summary.json, writing
-    through ``folder`` (a :class:`nclab.rundir.Folder`); returns the paths written."""
+    through ``folder`` (a :class:`nclab.rundir.Folder`); returns the paths written.
+    ``sizes``/``formats``: as :func:`nclab.figstyle.save`."""
     import json
 
     from nclab.nets.measure import read_metrics_csv
@@ -244,6 +248,6 @@ def redraw(run_dir: Path, folder) -> list[Path]:
         grouped = {name: [r for rs in grouped.values() for r in rs]}
     titles = {run: run_title(run, runs_summary.get(run, {})) for run in grouped}
     frames = {run: runs_summary.get(run, {}).get("nc3_frame", "etf") for run in grouped}
-    paths = plot_runs(grouped, "figure", folder, titles=titles, nc3_frames=frames)
+    paths = plot_runs(grouped, "figure", folder, titles=titles, nc3_frames=frames, sizes=sizes, formats=formats)
     paths.append(folder.write_text("caption.md", caption(summary, name)))
     return paths
