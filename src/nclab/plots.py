@@ -53,7 +53,11 @@ def _ensure_log_labels(ax) -> None:
     ys = ys[np.isfinite(ys) & (ys > 0)]
     if ys.size and np.log10(ys.max() / ys.min()) > 5:  # many decades: minor ticks would clump
         ax.yaxis.set_minor_locator(NullLocator())
-    if ys.size and np.log10(ys.max() / ys.min()) < 2:
+    span = np.log10(ys.max() / ys.min()) if ys.size else 9.0
+    if span < 1:  # under a decade: a few plain ticks (a log locator would fall back to crowded ones)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=3, min_n_ticks=3))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:.3g}"))
+    elif span < 2:
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:.2g}"))
 
@@ -164,7 +168,12 @@ def sweep_figure(size: str, x, x_label: str, panels: list[dict], thresholds: dic
         for k, (text, xv) in enumerate(thresholds.items()):
             ax.axvline(xv, color="gray", ls=":" if k == 0 else "--", lw=0.8, label=text, gid="ref")
         ax.set_xlim(lo - pad, hi + pad)
-        if panel.get("log"):
+        has_data = any(np.size(l.get_ydata()) for l in ax.get_lines() if l.get_gid() != "ref")
+        if not has_data:
+            ax.text(0.5, 0.5, "undefined at every point\n(H = 0 or NaN)", transform=ax.transAxes,
+                    ha="center", va="center")
+            ax.set_yticks([])
+        elif panel.get("log"):
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, numticks=5))
             ax.yaxis.set_minor_formatter(NullFormatter())
