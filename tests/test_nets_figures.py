@@ -142,3 +142,23 @@ def test_redraw_single_train_run(tmp_path):
         rd.close()
     assert all(p.is_file() for p in paths) and len(paths) == 5
     assert "no bias" in json.dumps((out / "caption.md").read_text()) or "without" in (out / "caption.md").read_text()
+
+
+def test_train_run_figures_redrawn_from_its_tables(tmp_path):
+    """A real (tiny) `nclab train` folder: both sizes and the caption; redraw brings them back."""
+    from tests.test_nets_train import TINY
+    from nclab.nets.settings import TrainSettings
+    from nclab.nets.training import settings_record, train
+
+    settings = TrainSettings(**(TINY | {"epochs": 2, "eval_every": 1}))
+    out = tmp_path / "run"
+    train(settings, out, quiet=True)
+    names = {"figure.pdf", "figure.png", "figure-column.pdf", "figure-column.png", "caption.md"}
+    assert names <= {p.name for p in out.iterdir()}
+    for name in names:
+        (out / name).unlink()
+    with RunDir(out, mode="resume") as rd:
+        rd.begin_part("train", settings_record(settings), again=True)
+        paths = redraw(out, rd.folder())
+        rd.complete_part("train")
+    assert {p.name for p in paths} == names and all(p.is_file() for p in paths)
