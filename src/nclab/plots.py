@@ -125,9 +125,9 @@ def ufm_figure(size: str, best: dict, restarts: list[dict], levels: list[str], f
             ax.set_ylabel(name)
             _style_axis(ax, size, log=True)
         ax.set_xlabel("iteration")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", handlelength=1.2)
+    for ax, key in zip(axes, panels):
+        if ax.get_legend_handles_labels()[0]:  # the objective falls from the top left: its legend at the middle right
+            ax.legend(loc="center right" if key == "objective" else "best", handlelength=1.2)
     fig.suptitle(wrap(f"{title}\n{verdict}", size), fontsize=figstyle.MIN_FONT_PT + (1 if size == "full" else 0))
     return fig
 
@@ -179,14 +179,16 @@ def sweep_figure(size: str, x, x_label: str, panels: list[dict], thresholds: dic
             ax.yaxis.set_minor_formatter(NullFormatter())
             _ensure_log_labels(ax)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(panel["title"])
+        ax.set_xlabel(x_label if size == "full" else x_label.split(" = ")[0])  # column: defined in the title
+        ax.set_ylabel(panel["title"] if size == "full" else panel["title"].split(" (")[0])
         ax.grid(True, alpha=0.3, lw=0.4)
     handles, labels = axes[0].get_legend_handles_labels()
     if any_hollow:
         handles.append(plt.Line2D([], [], ls="", marker="o", ms=3, mfc="none", color="gray"))
         labels.append("not converged")
     fig.legend(handles, labels, loc="outside lower center", ncol=3 if size == "full" else 2)
+    if size == "column":
+        title = f"{title}\n{x_label}"
     fig.suptitle(wrap(title, size), fontsize=figstyle.MIN_FONT_PT + (1 if size == "full" else 0))
     return fig
 
