@@ -166,3 +166,16 @@ def test_rundir_redraw_writes_as_an_existing_part(tmp_path):
         with pytest.raises(RunDirError), rd.redraw("nope"):
             pass
     assert (tmp_path / "r" / "f.txt").read_text() == "two"
+
+
+def test_plot_redraws_a_train_run_through_the_network_code(tmp_path):
+    from tests.test_nets_train import TINY
+    from nclab.nets.settings import TrainSettings
+    from nclab.nets.training import train
+
+    out = tmp_path / "run"
+    train(TrainSettings(**(TINY | {"epochs": 2, "eval_every": 1})), out, quiet=True)
+    for name in ("figure.png", "figure-column.png"):
+        (out / name).unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "figure.png").is_file() and (out / "figure-column.png").is_file()

@@ -28,12 +28,22 @@ class PlotError(ValueError):
 
 
 def _kind(folder) -> str | None:
-    if folder.path("sweep.csv").is_file() and folder.path("summary.json").is_file():
+    """"sweep", "ufm" (a UFM experiment's summary: levels and verdict_line), "network" (any other
+    folder with metrics.csv and summary.json, e.g. nclab train or fig5) or None (nothing to draw)."""
+    import json
+
+    try:
+        summary = json.loads(folder.path("summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if folder.path("sweep.csv").is_file():
         return "sweep"
-    if folder.path("metrics.csv").is_file() and folder.path("summary.json").is_file() \
+    if not folder.path("metrics.csv").is_file():
+        return None
+    if isinstance(summary, dict) and "levels" in summary and "verdict_line" in summary \
             and folder.path("config.toml").is_file():
         return "ufm"
-    return None
+    return "network"
 
 
 def redraw(run_dir, *, sizes=("full", "column"), formats=("pdf", "png"), say=print) -> list[Path]:
@@ -68,13 +78,16 @@ def redraw(run_dir, *, sizes=("full", "column"), formats=("pdf", "png"), say=pri
                 elif kind == "ufm":
                     from nclab.experiments import runner
                     written += runner.draw_ufm(folder, **kw)
-                else:
+                elif kind == "network":
                     try:
                         from nclab.nets.plots import redraw as nets_redraw
                     except ImportError:
                         say(f"{name}: skipped (network figures cannot be redrawn by this version)")
                         continue
-                    nets_redraw(folder.path(), folder)
+                    written += nets_redraw(folder.path(), folder, **kw)
+                else:
+                    say(f"{name}: skipped (no saved tables in {folder.path()})")
+                    continue
             found = True
     if not found:
         raise PlotError(f"{root}: no saved tables to draw from (metrics.csv or sweep.csv with summary.json)")
