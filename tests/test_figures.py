@@ -81,16 +81,22 @@ def test_ufm_figures(ufm_runs, checked, name, panels, restarts):
     assert all(n == panels for _, n in checked)
 
 
-def test_ufm_figure_shows_every_restart_and_f_star_as_text(ufm_runs, monkeypatch):
+def _capture(monkeypatch, maker: str) -> dict:
+    """{size: figure} of every figure that nclab.plots.<maker>(size, ...) makes while the test runs."""
     from nclab import plots
-    made = {}
-    original = plots.ufm_figure
+
+    made, original = {}, getattr(plots, maker)
 
     def keep(size, *args, **kw):
         made[size] = fig = original(size, *args, **kw)
         return fig
 
-    monkeypatch.setattr(plots, "ufm_figure", keep)
+    monkeypatch.setattr(plots, maker, keep)
+    return made
+
+
+def test_ufm_figure_shows_every_restart_and_f_star_as_text(ufm_runs, monkeypatch):
+    made = _capture(monkeypatch, "ufm_figure")
     from nclab.experiments.runner import draw_ufm
     for name in ("fig4", "ufm-unregularized"):
         with RunDir(ufm_runs, mode="resume") as rd, rd.redraw(name):
@@ -117,15 +123,7 @@ def test_sweep_figures(tmp_path, checked, kind, extra):
 
 
 def test_sweep_figure_marks_unconverged_and_shares_x(tmp_path, monkeypatch):
-    from nclab import plots
-    made = {}
-    original = plots.sweep_figure
-
-    def keep(size, *args, **kw):
-        made[size] = fig = original(size, *args, **kw)
-        return fig
-
-    monkeypatch.setattr(plots, "sweep_figure", keep)
+    made = _capture(monkeypatch, "sweep_figure")
     assert main(["sweep", "extended", "--points", "5", "--steps", "200", "--init-std", "0.01",
                  "--out", str(tmp_path / "e"), "--quiet"]) == 0
     fig = made["full"]
