@@ -48,26 +48,20 @@ def _kind(folder) -> str | None:
 
 def redraw(run_dir, *, sizes=("full", "column"), formats=("pdf", "png"), say=print) -> list[Path]:
     """Redraw every figure of ``run_dir``; returns the paths written. Raises PlotError."""
-    import json
-
     from nclab.rundir import META, RunDir
 
     root = Path(run_dir)
     if not root.is_dir():
-        raise PlotError(f"{root}: no such folder")
+        raise PlotError(f"RUN_DIR: {root}: no such folder")
     if not (root / META).is_dir():
-        raise PlotError(f"{root}: not an nclab run folder (no {META}/)")
-    manifest_path = root / META / "manifest.json"
-    try:
-        parts = json.loads(manifest_path.read_text()).get("parts", {})
-    except (OSError, ValueError):
-        parts = {}
-    if not parts:
-        raise PlotError(f"{root}: the run folder records no finished part to draw")
+        raise PlotError(f"RUN_DIR: {root}: not an nclab run folder (no {META}/)")
     written: list[Path] = []
     kw = dict(sizes=tuple(sizes), formats=tuple(formats))
     found = False
-    with RunDir(root, mode="resume", option="RUN_DIR") as rd:
+    with RunDir(root, mode="resume", option="RUN_DIR") as rd:  # reads and checks the manifest
+        parts = list(rd.manifest["parts"])
+        if not parts:
+            raise PlotError(f"RUN_DIR: {root}: the run folder records no finished part to draw")
         for name in parts:
             folder = rd.folder(name) if (root / name).is_dir() else rd.folder()
             kind = _kind(folder)
@@ -79,18 +73,15 @@ def redraw(run_dir, *, sizes=("full", "column"), formats=("pdf", "png"), say=pri
                     from nclab.experiments import runner
                     written += runner.draw_ufm(folder, **kw)
                 elif kind == "network":
-                    try:
-                        from nclab.nets.plots import redraw as nets_redraw
-                    except ImportError:
-                        say(f"{name}: skipped (network figures cannot be redrawn by this version)")
-                        continue
+                    from nclab.nets.plots import redraw as nets_redraw
                     written += nets_redraw(folder.path(), folder, **kw)
                 else:
                     say(f"{name}: skipped (no saved tables in {folder.path()})")
                     continue
             found = True
     if not found:
-        raise PlotError(f"{root}: no saved tables to draw from (metrics.csv or sweep.csv with summary.json)")
+        raise PlotError(f"RUN_DIR: {root}: no saved tables to draw from (metrics.csv or sweep.csv with "
+                        "summary.json)")
     return written
 
 
