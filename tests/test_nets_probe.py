@@ -73,15 +73,48 @@ def test_streaming_equals_materialised(model_name, bias):
     b = None if model.fc.bias is None else model.fc.bias.detach()
     for level, H in full.items():
         want = measure(H, y, W, b) if level == PENULTIMATE else measure(H, y)
+        want["ncc_accuracy"] = ncc_by_hand(H, y)
         got = streamed[level]
-        assert set(got) == set(want)
-        for k in want:
+        # every key streamed is measured in memory too (measure may have more: ClassStats.metrics's subset)
+        assert {"nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "ncc_accuracy"} <= set(got) <= set(want)
+        assert level != PENULTIMATE or {"nc3_etf", "nc4"} <= set(got)
+        for k in got:
             assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (level, k)
     net = streamed["network"]
     assert net["accuracy"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
     assert net["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-6)
     assert net["samples"] == K * n
     assert list(streamed)[:-1][-1] == PENULTIMATE
+
+
+def ncc_by_hand(H, y):
+    """Fraction of rows whose nearest class mean (Euclidean, float64) is their label."""
+    H = H.double()
+    M = torch.stack([H[y == k].mean(0) for k in range(int(y.max()) + 1)])
+    return float((torch.cdist(H, M).argmin(1) == y).double().mean())
+
+
+def test_ncc_accuracy_separated_clusters_is_one():
+    """Well-separated clusters: every sample is nearest its own class mean, at every level."""
+    torch.manual_seed(0)
+    K, n = 4, 10
+    y = torch.arange(K).repeat_interleave(n)
+    x = 10 * torch.eye(K)[y] + 0.1 * torch.randn(K * n, K)
+    net = nn.Sequential(nn.Identity(), nn.Linear(K, K))
+    res = measure_layers(net, batches(x, y, 7), K, layers={"input": net[0]}, classifier=net[1])
+    assert res["input"]["ncc_accuracy"] == 1.0 and res[PENULTIMATE]["ncc_accuracy"] == 1.0
+
+
+def test_ncc_accuracy_counted_by_hand():
+    """1-D features, two classes. Class 0 at 0, 0, 0, 4 (mean 1); class 1 at 2, 6, 6, 6 (mean 5).
+    The midpoint is 3: the 4 of class 0 and the 2 of class 1 sit on the wrong side, 2 errors in 8."""
+    x = torch.tensor([0.0, 0.0, 0.0, 4.0, 2.0, 6.0, 6.0, 6.0])[:, None]
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    net = nn.Sequential(nn.Identity(), nn.Linear(1, 2))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    res = measure_layers(net, batches(x[perm], y[perm], 3), 2, layers={"h": net[0]}, classifier=net[1])
+    assert res["h"]["ncc_accuracy"] == 6 / 8 == res[PENULTIMATE]["ncc_accuracy"]
+    assert ncc_by_hand(x, y) == 6 / 8
 
 
 def test_degenerate_level_is_nan_including_nc4():
