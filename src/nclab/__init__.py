@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 #: nclab: the import system would replace such an attribute with the module once imported)
 _WHERE = {
     "ClassStats": "stats",
+    "CollapseMonitor": "monitor",
     "DegenerateError": "_validate",
     "NC4Counter": "stats",
     "class_means": "metrics",
