@@ -42,6 +42,15 @@ def reference_metrics(H, y, W=None, b=None):
     O = np.eye(K) / np.sqrt(K)
     out = dict(nc1=nc1, nc1_trace=np.trace(Sw) / np.trace(Sb), cdnv=cdnv,
                nc2_etf=fdist(Mc @ Mc.T, E), nc2_of=fdist(means @ means.T, O))
+    out |= shape_reference(Mc, "features")
+    unit = Mc / np.linalg.norm(Mc, axis=1, keepdims=True)
+    dist = np.array([np.linalg.norm(unit[i] - unit[j]) for i in range(K) for j in range(K) if i != j])
+    out |= dict(hu_log=np.mean(-np.log(dist)), hu_riesz=np.mean(1 / dist))
+    if W is not None:
+        out |= shape_reference(np.asarray(W, dtype=np.float64), "weights")
+        Wf = np.asarray(W, dtype=np.float64)
+        cos = np.array([Wf[k] @ Mc[k] / np.linalg.norm(Wf[k]) / np.linalg.norm(Mc[k]) for k in range(K)])
+        out["uniform_duality"] = cos.std(ddof=1) / cos.mean()
     if W is not None:
         W = np.asarray(W, dtype=np.float64)
         logits = H @ W.T + (0 if b is None else np.asarray(b))
@@ -54,6 +63,15 @@ def reference_metrics(H, y, W=None, b=None):
             nc4=np.mean(ncc != logits.argmax(1)),
         )
     return out
+
+
+def shape_reference(X, name):
+    """Equinorm, equiangularity and max-angle of the rows of X (K, d), plainly."""
+    K = len(X)
+    norms = np.linalg.norm(X, axis=1)
+    cos = np.array([X[i] @ X[j] / norms[i] / norms[j] for i in range(K) for j in range(K) if i != j])
+    return {f"equinorm_{name}": norms.std(ddof=1) / norms.mean(), f"equiangular_{name}": cos.std(ddof=1),
+            f"maxangle_{name}": np.mean(np.abs(cos + 1 / (K - 1)))}
 
 
 @pytest.mark.parametrize("K", [2, 4, 10])
@@ -206,7 +224,9 @@ def test_batched_kernels_equal_single_problems():
     batched = M.collapse_metrics_t(H, y, 3, W)
     for i, (Hi, yi, Wi) in enumerate(gens):
         single = measure(Hi, yi, Wi)
-        for k, v in single.items():
+        assert set(batched) <= set(single)
+        for k in batched:
+            v = single[k]
             assert float(batched[k][i]) == pytest.approx(v, rel=1e-12, abs=1e-15), k
 
 

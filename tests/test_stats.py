@@ -32,6 +32,7 @@ def test_streaming_equals_in_memory(batch):
     ref = measure(H, y, W)
     got = _stream(H, y, 6, batch).metrics(W)
     assert set(got) == set(ref) - {"nc4"}
+    assert {"hu_log", "uniform_duality", "equinorm_features", "equiangular_weights"} <= set(got)
     for k, v in got.items():
         assert v == pytest.approx(ref[k], rel=1e-10), k
 
@@ -195,9 +196,13 @@ def test_bad_or_huge_constructor_arguments(args, kwargs, match):
         ClassStats(*args, **kwargs)
 
 
-def test_memory_estimate_formula():
-    assert ClassStats.memory_bytes(10, 4, full=False) == 8 * 4 * (10 * 4 + 20)
-    assert ClassStats.memory_bytes(10, 4) == 8 * 4 * (10 * 4 + 20 + 16)
+def test_memory_estimate_formula_covers_the_stored_statistics():
+    assert ClassStats.memory_bytes(10, 4, full=False) == 8 * 2 * (10 * 4 + 20)
+    assert ClassStats.memory_bytes(10, 4) == 8 * 2 * (10 * 4 + 20 + 16)
+    for full in (True, False):
+        s = ClassStats(300, 17, full=full).update(np.ones((5, 17)), np.arange(5))
+        stored = sum(t.numel() * t.element_size() for t in (s.counts, s.means, s.m2, s.scatter) if t is not None)
+        assert stored <= ClassStats.memory_bytes(300, 17, full) <= 2 * stored
 
 
 @pytest.mark.parametrize("labels, match", [

@@ -21,6 +21,7 @@ _WHERE = {
     "collapsed_configuration": "frames",
     "measure": "metrics",
     "orthogonal_frame": "frames",
+    "per_class": "metrics",
     "simplex_etf": "frames",
 }
 

@@ -61,14 +61,17 @@ The underscored ``*_t`` functions are the batched kernels shared with the UFM en
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
 
 from nclab._validate import (
-    DegenerateError, all_finite, as_float64, as_labels, as_real, check_classifier, check_fits, check_rtol, max_abs,
+    _INT_DTYPES, DegenerateError, all_finite, as_float64, as_labels, as_real, check_classifier, check_fits,
+    check_rtol, max_abs, to_tensor,
 )
 from nclab.frames import orthogonal_frame, simplex_etf
+from nclab.tiles import BYTES_PER_TILE_ENTRY, DEFAULT_TILE_MEMORY, PairOptions, pair_metrics, tile_rows
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
 RTOL = 1e-10
@@ -131,36 +134,53 @@ def centre(M: torch.Tensor) -> torch.Tensor:
 def between_class_basis_t(Mc: torch.Tensor, rtol: float = RTOL):
     """Orthonormal basis of the span of the centred means, and Σ_B's scaled eigenvalues.
 
+    Works on whichever of the K x K Gram M̃M̃ᵀ and the d x d matrix M̃ᵀM̃ is smaller: both
+    have the same nonzero eigenvalues λ_j (= K · eigenvalues of Σ_B).
+
     Args:
         Mc: centred means M̃ (..., K, d).
     Returns:
-        U (..., d, K) with u_j = M̃ᵀ v_j / sqrt(λ_j) for kept eigenvalues, 0 columns
-        otherwise; inv_lam (..., K) = 1/λ_j for kept eigenvalues else 0, where
-        λ_j are the eigenvalues of M̃ M̃ᵀ (= K · eigenvalues of Σ_B). NaN where M̃ = 0.
+        U (..., d, r), r = min(K, d), whose columns are orthonormal eigenvectors of M̃ᵀM̃
+        for kept eigenvalues (λ_j > ``rtol`` · max λ; for K <= d they are u_j = M̃ᵀv_j/sqrt(λ_j)
+        from M̃M̃ᵀ v_j = λ_j v_j) and 0 otherwise; inv_lam (..., r) = 1/λ_j for kept
+        eigenvalues, else 0. NaN where M̃ = 0.
     """
-    lam, V = torch.linalg.eigh(Mc @ Mc.mT)
+    K, d = Mc.shape[-2:]
+    lam, V = torch.linalg.eigh(Mc @ Mc.mT if K <= d else Mc.mT @ Mc)
     lam_max = lam.amax(dim=-1, keepdim=True)
     keep = lam > rtol * lam_max
     safe = torch.where(keep, lam, torch.ones_like(lam))
     inv_lam = torch.where(keep, 1.0 / safe, torch.zeros_like(lam))
-    U = Mc.mT @ (V * inv_lam.sqrt()[..., None, :])
+    U = Mc.mT @ (V * inv_lam.sqrt()[..., None, :]) if K <= d else V * keep[..., None, :]
     inv_lam = torch.where(lam_max <= 0, torch.full_like(inv_lam, math.nan), inv_lam)
     return U, inv_lam
 
 
-def within_class_pass_t(H, y, M, U, W=None, b=None):
+class WithinPass(NamedTuple):
+    """Results of :func:`within_class_pass_t` (N samples, K classes, r = U's columns)."""
+
+    class_var: torch.Tensor      # σ_k² = mean over class k of ‖h - μ_k‖², (..., K)
+    quad: torch.Tensor           # diag(Uᵀ Σ_W U) = mean over samples of (Dᵀu_j)², (..., r)
+    nc4: torch.Tensor | None     # NC4 (...), when W is given
+    nc1_class: torch.Tensor | None   # per class: (1/N) Σ_{i in k} Σ_j (dᵢᵀu_j)²/λ_j (K,), with inv_lam
+    nc4_class: torch.Tensor | None   # per class: number of NC4 mismatches (K,), with W and inv_lam
+
+
+def within_class_pass_t(H, y, M, U, W=None, b=None, inv_lam=None) -> WithinPass:
     """One pass over the class-centred features D = H - M[y], chunk by chunk.
 
-    Returns:
-        class_var σ_k² = mean over class k of ‖h - μ_k‖², shape (..., K);
-        quad = diag(Uᵀ Σ_W U) = mean over samples of (Dᵀu_j)², shape (..., K);
-        nc4 (..., ) when W (..., K, d) is given, else None.
+    ``inv_lam`` (r,) (2-D inputs only) also gives the per-class breakdowns: class k's
+    part of NC1 (they sum to NC1) and its NC4 mismatches.
     """
     K, N = M.shape[-2], H.shape[-2]
-    sq = torch.zeros(*M.shape[:-1], dtype=torch.float64, device=H.device)
-    quad = torch.zeros(*M.shape[:-2], U.shape[-1], dtype=torch.float64, device=H.device)
+    zeros = dict(dtype=torch.float64, device=H.device)
+    sq = torch.zeros(*M.shape[:-1], **zeros)
+    quad = torch.zeros(*M.shape[:-2], U.shape[-1], **zeros)
+    per_class = inv_lam is not None
+    nc1_class = torch.zeros(K, **zeros) if per_class else None
+    nc4_class = torch.zeros(K, **zeros) if per_class and W is not None else None
     nc4_rule = None if W is None else _NC4Rule.for_inputs(H, M, U, W, b)
-    mismatches = torch.zeros(M.shape[:-2], dtype=torch.float64, device=H.device)
+    mismatches = torch.zeros(M.shape[:-2], **zeros)
     buffer = None
     for rows, Hs in _float64_chunks(H, width=K):  # P and NC4's scores have K columns
         ys = y[rows]
@@ -171,12 +191,18 @@ def within_class_pass_t(H, y, M, U, W=None, b=None):
         d_norm = torch.linalg.vector_norm(D, dim=-1)
         sq.index_add_(-1, ys, d_norm.square())
         P = D @ U
-        quad += P.square().sum(-2)
+        P2 = P.square()
+        quad += P2.sum(-2)
+        if per_class:
+            nc1_class.index_add_(0, ys, P2 @ inv_lam)
         if nc4_rule is not None:
-            mismatches += nc4_rule.count(_Chunk(H[..., rows, :], Hs, ys, d_norm, P))
+            wrong = nc4_rule.mismatch(_Chunk(H[..., rows, :], Hs, ys, d_norm, P))
+            mismatches += wrong.sum(-1)
+            if nc4_class is not None:
+                nc4_class.index_add_(0, ys, wrong.to(torch.float64))
     counts = torch.bincount(y, minlength=K).to(torch.float64)
     nc4 = None if W is None else mismatches / N
-    return sq / counts, quad / N, nc4
+    return WithinPass(sq / counts, quad / N, nc4, None if nc1_class is None else nc1_class / N, nc4_class)
 
 
 class _Chunk(NamedTuple):
@@ -188,6 +214,10 @@ class _Chunk(NamedTuple):
     y: torch.Tensor
     d_norm: torch.Tensor
     P: torch.Tensor
+
+
+#: the fast NC4 rule keeps K x K and K x r matrices; above this K the plain rule is used
+FAST_NC4_MAX_K = 4096
 
 
 class _NC4Rule:
@@ -232,15 +262,16 @@ class _NC4Rule:
 
     @classmethod
     def for_inputs(cls, H, M, U, W, b):
-        if H.ndim != 2 or W.ndim != 2:
+        """The fast rule for 2-D inputs whose K x K Gram is small (FAST_NC4_MAX_K), else the plain one."""
+        if H.ndim != 2 or W.ndim != 2 or M.shape[-2] > FAST_NC4_MAX_K:
             return cls(M, W, b)
         return cls(M, W, b, U, float32_logits=H.dtype == torch.float32 and _ieee_float32_matmul(H.device))
 
-    def count(self, c: _Chunk) -> torch.Tensor:
-        """Number of rows of chunk ``c`` whose nearest mean ≠ argmax(W h + b)."""
+    def mismatch(self, c: _Chunk) -> torch.Tensor:
+        """Per row of chunk ``c`` (..., n): whether its nearest mean ≠ argmax(W h + b)."""
         if not self.fast:
-            return nc4_t(c.H64, self.M, self.W, self.b) * c.H64.shape[-2]
-        return (self._nearest_mean(c) != self._classifier(c)).sum().to(torch.float64)
+            return nc4_rows_t(c.H64, self.M, self.W, self.b)
+        return self._nearest_mean(c) != self._classifier(c)
 
     def _nearest_mean(self, c: _Chunk) -> torch.Tensor:
         s = self.m_sq - 2 * (self.G[c.y] + c.P @ self.A.mT)  # ‖h - μ_k‖² - ‖h - μ_G‖²
@@ -324,8 +355,8 @@ def alignment_t(W: torch.Tensor, M: torch.Tensor):
     return (Wn - Mn).flatten(-2).norm(dim=-1)
 
 
-def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
-    """Fraction of samples where nearest class mean ≠ argmax(W h + b), shape (...).
+def nc4_rows_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
+    """Per sample (..., N): whether the nearest class mean ≠ argmax(W h + b).
 
     The nearest mean is argmin_k ‖μ_k‖² - 2 μ_kᵀh (= argmin ‖h - μ_k‖²), computed in
     float64 with one matmul for both rules.
@@ -336,30 +367,90 @@ def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | N
     logits = scores[..., K:]
     if b is not None:
         logits = logits + b[..., None, :]
-    return (ncc != logits.argmax(-1)).to(torch.float64).mean(-1)
+    return ncc != logits.argmax(-1)
 
 
-def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL, means=None) -> dict[str, torch.Tensor]:
+def nc4_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
+    """Fraction of samples where nearest class mean ≠ argmax(W h + b), shape (...)."""
+    return nc4_rows_t(H, M, W, b).to(torch.float64).mean(-1)
+
+
+def collapse_metrics_t(H, y, K, W=None, b=None, rtol: float = RTOL, means=None,
+                       extras: PairOptions | None = None, count_nc4: bool = True) -> dict[str, torch.Tensor]:
     """All default metrics as float64 tensors of shape (...) for features H (..., N, d).
 
-    ``means``: the (M, counts) of :func:`class_means_t` when already computed.
+    ``means``: the (M, counts) of :func:`class_means_t` when already computed;
+    ``extras``: also the further metrics of :func:`summary_metrics_t` (2-D inputs);
+    ``count_nc4=False`` leaves NC4 out (the caller counts it on a sample).
     """
     M, counts = means if means is not None else class_means_t(H, y, K)
     U, inv_lam = between_class_basis_t(centre(M), rtol)
-    class_var, quad, nc4 = within_class_pass_t(H, y, M, U, W, b)
-    out = summary_metrics_t(M, counts, class_var, nc1_t(quad, inv_lam), W)
-    if nc4 is not None:
-        out["nc4"] = nc4
+    within = within_class_pass_t(H, y, M, U, W if count_nc4 else None, b)
+    out = summary_metrics_t(M, counts, within.class_var, nc1_t(within.quad, inv_lam), W, extras)
+    if within.nc4 is not None:
+        out["nc4"] = within.nc4
     return out
 
 
-def summary_metrics_t(M, counts, class_var, nc1=None, W=None):
+#: the order of the default metrics in every result dict
+ORDER = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc2w_etf", "nc2w_of", "nc3_etf", "nc3_of",
+         "nc3_duality_etf", "nc3_duality_of")
+#: the further metrics (``extras``), in their order
+EXTRAS = ("equinorm_features", "equiangular_features", "maxangle_features", "hu_log", "hu_riesz",
+          "equinorm_weights", "equiangular_weights", "maxangle_weights", "uniform_duality")
+
+
+def summary_metrics_t(M, counts, class_var, nc1=None, W=None, extras: PairOptions | None = None):
     """Every metric except NC4 from class statistics (shared by in-memory and streaming).
 
     Args:
         M: class means (..., K, d); counts: (K,); class_var: σ_k² (..., K);
-        nc1: the value of :func:`nc1_t`, or None to leave it out; W: (..., K, d) or None.
+        nc1: the value of :func:`nc1_t`, or None to leave it out; W: (..., K, d) or None;
+        extras: with :class:`nclab.tiles.PairOptions`, also the further metrics (EXTRAS,
+            and cdnv_q when its exponent is not 2); 2-D inputs only.
+    Small K without extras (the UFM solver's per-step log, batched over problems) forms the
+    K x K Grams whole; otherwise :func:`nclab.tiles.pair_metrics` visits them in tiles.
     """
+    K = M.shape[-2]
+    if extras is None and (M.ndim > 2 or tile_rows(K) == K):
+        return _batched_summary(M, counts, class_var, nc1, W)
+    if M.ndim != 2:
+        raise ValueError(f"means: the tiled metrics take one problem (K, d), got shape {tuple(M.shape)}")
+    Mc = centre(M)
+    pairs = pair_metrics(M, class_var, W, extras or PairOptions())
+    out = {} if nc1 is None else {"nc1": nc1}
+    out["nc1_trace"] = nc1_trace_t(class_var, counts, Mc)
+    if W is not None:
+        out["nc3_etf"], out["nc3_of"] = (float(v) for v in alignment_t(W, torch.stack([Mc, M])))
+    out |= {k: pairs[k] for k in ORDER if k in pairs}
+    if extras is None:
+        return {key: out[key] for key in ORDER if key in out}
+    r = Mc.norm(dim=-1)
+    out |= {k: pairs[k] for k in ("equiangular_features", "maxangle_features", "hu_log", "hu_riesz")}
+    out["equinorm_features"] = r.std() / r.mean()
+    if W is not None:
+        w = W.norm(dim=-1)
+        out |= {"equinorm_weights": w.std() / w.mean(), "equiangular_weights": pairs["equiangular_weights"],
+                "maxangle_weights": pairs["maxangle_weights"], "uniform_duality": uniform_duality_t(W, Mc)}
+    ordered = {key: out[key] for key in ORDER + EXTRAS if key in out}
+    if "cdnv_q" in pairs:
+        ordered[cdnv_q_key(extras.cdnv_exponent)] = pairs["cdnv_q"]
+    return ordered
+
+
+def cdnv_q_key(q: float) -> str:
+    """Result key of the generalised CDNV with distance exponent q, e.g. cdnv_q1 or cdnv_q0.5."""
+    return f"cdnv_q{q:g}"
+
+
+def uniform_duality_t(W: torch.Tensor, Mc: torch.Tensor):
+    """Coefficient of variation std_k(c_k)/mean_k(c_k) of c_k = cos(w_k, μ_k - μ_G) (K values)."""
+    c = (W * Mc).sum(-1) / (W.norm(dim=-1) * Mc.norm(dim=-1))
+    return c.std() / c.mean()
+
+
+def _batched_summary(M, counts, class_var, nc1, W):
+    """The default metrics with whole K x K Grams, batched over leading dimensions."""
     K = M.shape[-2]
     E, O = simplex_etf(K, device=M.device), orthogonal_frame(K, device=M.device)
     Mc = centre(M)
@@ -377,8 +468,7 @@ def summary_metrics_t(M, counts, class_var, nc1=None, W=None):
     dist = frame_distance_t(torch.stack([g for g, _ in grams.values()], dim=-3),
                             torch.stack([f for _, f in grams.values()]))
     out.update({key: dist[..., i] for i, key in enumerate(grams)})
-    order = ("nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc2w_etf", "nc2w_of", "nc3_etf", "nc3_of")
-    return {key: out.pop(key) for key in order if key in out} | out
+    return {key: out[key] for key in ORDER if key in out}
 
 
 # ------------------------------------------------------------------ scale
@@ -398,8 +488,9 @@ def times_power_of_two(t: torch.Tensor, e: int) -> torch.Tensor:
     return t * 2.0**half * 2.0 ** (e - half)
 
 
-def rescaled(H, W=None, b=None):
-    """(H·2^-e_H, W·2^-e_W, b·2^-(e_H+e_W)) with ordinary magnitudes (see SAFE_EXP).
+def rescaled(H, W=None, b=None, with_exponent: bool = False):
+    """(H·2^-e_H, W·2^-e_W, b·2^-(e_H+e_W)) with ordinary magnitudes (see SAFE_EXP),
+    and e_H as a fourth element when ``with_exponent``.
 
     Every metric is invariant under these: the Σs scale together, the frames are
     normalised, and argmax(Wh + b) is that of 2^-(e_H+e_W)(Wh + b). Only float64
@@ -414,7 +505,8 @@ def rescaled(H, W=None, b=None):
         e_h = power_of_two_exponent(a)
     e_w = 0 if W is None else power_of_two_exponent(max_abs(W))
     W = None if W is None else times_power_of_two(W, -e_w)
-    return times_power_of_two(H, -e_h), W, scaled_bias(b, e_h + e_w)
+    out = times_power_of_two(H, -e_h), W, scaled_bias(b, e_h + e_w)
+    return (*out, e_h) if with_exponent else out
 
 
 def scaled_bias(b: torch.Tensor | None, e: int):
@@ -428,23 +520,28 @@ def scaled_bias(b: torch.Tensor | None, e: int):
     return b
 
 
-def check_memory(K: int, d: int, device=None) -> None:
-    """Raise before allocating when the K x K work of the metrics cannot fit.
+def metrics_memory_bytes(K: int, d: int, tile_memory: int = DEFAULT_TILE_MEMORY) -> int:
+    """Working memory of the metrics beyond the class statistics, about: six K x d float64
+    copies (centred, normalised, scaled means and weights), the tiles of the K x K
+    quantities (at most ``tile_memory``), four r x r matrices of the eigen-decomposition
+    (r = min(K, d)) and three d x d Grams of the frame-norm estimates."""
+    r = min(K, d)
+    return 8 * (6 * K * d + 4 * r * r + 3 * d * d) + min(tile_memory, BYTES_PER_TILE_ENTRY * K * K)
 
-    The summary metrics hold about 30 K x K float64 matrices at once (Grams, their
-    eigenvectors, the frames, the stacked frame distances), and the per-chunk K-column
-    products of the within-class pass stay near CHUNK_BYTES.
-    """
-    check_fits(8 * (30 * K * K + 4 * K * d), "labels", f"K = {K} classes (K x K Grams)", device)
+
+def check_memory(K: int, d: int, device=None, tile_memory: int = DEFAULT_TILE_MEMORY) -> None:
+    """Raise before allocating when the metrics' working memory (:func:`metrics_memory_bytes`) cannot fit."""
+    check_fits(metrics_memory_bytes(K, d, tile_memory), "labels", f"the metrics of K = {K} classes in d = {d}",
+               device)
 
 
 # ------------------------------------------------------------------ public functions
-def _prepare(features, labels, num_classes=None, check_finite: bool = True):
+def _prepare(features, labels, num_classes=None, check_finite: bool = True, tile_memory=DEFAULT_TILE_MEMORY):
     H = as_real(features, "features", ndim=2, check_finite=check_finite)
     if H.shape[1] == 0:
         raise ValueError("features: has 0 columns; need a feature dimension d >= 1")
     y, K = as_labels(labels, H.shape[0], num_classes=num_classes, device=H.device)
-    check_memory(K, H.shape[1], H.device)
+    check_memory(K, H.shape[1], H.device, tile_memory)
     return H, y, K
 
 
@@ -518,7 +615,9 @@ def nc4(features, labels, weights, bias=None, num_classes=None) -> float:
 
 @torch.inference_mode()
 def measure(features, labels, weights=None, bias=None, preset: str | None = None,
-            num_classes: int | None = None, rtol: float = RTOL) -> dict[str, float]:
+            num_classes: int | None = None, rtol: float = RTOL, *, cdnv_exponent: float = 2.0,
+            riesz_s: float = 1.0, classes=None, nc4_rows: int | None = None,
+            tile_memory: int = DEFAULT_TILE_MEMORY) -> dict[str, float]:
     """Every collapse metric of docs/metrics.md for features from anywhere.
 
     Args:
@@ -526,11 +625,18 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         any class sizes, every class present); weights: optional (K, d); bias: optional
         (K,); preset: None, "papyan2020" or "zhu2021" (see the module docstring);
         num_classes: K when it is not max(labels) + 1 (K <= N: every class occurs);
-        rtol: relative eigenvalue cut-off for Σ_B⁺, float64 eps <= rtol < 1.
+        rtol: relative eigenvalue cut-off for Σ_B⁺, float64 eps <= rtol < 1;
+        cdnv_exponent: q of the generalised CDNV (also reported as cdnv_q<q> when q != 2);
+        riesz_s: s of the Riesz energy hu_riesz; classes: measure only these classes (a
+        list of labels, relabelled in that order), or an int M for the M most frequent;
+        nc4_rows: count NC4 on a seeded uniform sample of this many rows (reported as
+        nc4_rows); tile_memory: bytes of working memory for the K x K quantities.
     Returns:
         A flat dict of Python floats. Without a preset: nc1, nc1_trace, cdnv, nc2_etf,
         nc2_of and, with weights, nc2w_etf, nc2w_of, nc3_etf, nc3_of, nc3_duality_etf,
-        nc3_duality_of, nc4.
+        nc3_duality_of; then equinorm_features, equiangular_features, maxangle_features,
+        hu_log, hu_riesz and, with weights, equinorm_weights, equiangular_weights,
+        maxangle_weights, uniform_duality, nc4 (nc4_rows when sampled).
     Raises:
         TypeError / ValueError naming the bad argument; DegenerateError (a ValueError)
         when a metric is undefined (all class means equal, zero weights).
@@ -538,21 +644,24 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: expected None or one of {PRESETS}, got {preset!r}")
     rtol = check_rtol(rtol)
-    H, y, K = _prepare(features, labels, num_classes, check_finite=False)
-    W = b = None
-    if weights is not None:
-        W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
-    elif bias is not None:
-        raise ValueError("bias: given without weights; pass weights=W (K, d) as well")
+    options = pair_options(cdnv_exponent, riesz_s, tile_memory)
+    H, y, K, W, b = _prepare_all(features, labels, weights, bias, num_classes, classes, options.memory)
     if preset in ("papyan2020",) and W is None:
         raise ValueError(f"weights: preset {preset!r} needs the classifier weights")
-    H, W, b = rescaled(H, W, b)
+    nc4_rows = check_count(nc4_rows, "nc4_rows")
+    H, W, b, e = rescaled(H, W, b, with_exponent=True)
     means = class_means_t(H, y, K)
     if not bool(torch.isfinite(means[0]).all()) and not all_finite(H):  # NaN/Inf reach the means
         raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
-    raw = collapse_metrics_t(H, y, K, W, b, rtol, means=means)
+    sample = nc4_rows is not None and nc4_rows < H.shape[0]
+    raw = collapse_metrics_t(H, y, K, W, None if sample else b, rtol, means=means, extras=options,
+                             count_nc4=not sample)
+    unscale_cdnv_q(raw, options, e)
+    if sample and W is not None:
+        rows = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(0))[:nc4_rows].to(H.device)
+        raw["nc4"], raw["nc4_rows"] = nc4_sample_t(H[rows], means[0], W, b), float(nc4_rows)
     if preset == "papyan2020":
-        raw = _papyan2020(raw, H, y, K, W)
+        raw = _papyan2020(raw, K)
     elif preset == "zhu2021":
         keep = {"nc1": "nc1", "nc2_etf": "nc2_features", "nc2w_etf": "nc2_weights",
                 "nc3_duality_etf": "nc3", "nc4": "nc4"}
@@ -560,17 +669,116 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
     return {k: finite_value(k, v) for k, v in raw.items()}
 
 
-def _papyan2020(raw, H, y, K, W):
-    M, _ = class_means_t(H, y, K)
-    Mc = centre(M)
+def nc4_sample_t(H, M, W, b) -> torch.Tensor:
+    """NC4 of the rows H (n, d), chunk by chunk (scores of 2K columns per chunk)."""
+    wrong = 0
+    for rows, Hs in _float64_chunks(H, width=2 * M.shape[0]):
+        wrong += int(nc4_rows_t(Hs, M, W, b).sum())
+    return torch.tensor(wrong / H.shape[0], dtype=torch.float64)
+
+
+def pair_options(cdnv_exponent=2.0, riesz_s=1.0, tile_memory=DEFAULT_TILE_MEMORY) -> PairOptions:
+    """Checked :class:`nclab.tiles.PairOptions` (errors name the argument)."""
+    for name, v in (("cdnv_exponent", cdnv_exponent), ("riesz_s", riesz_s)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
+    if isinstance(tile_memory, bool) or not isinstance(tile_memory, numbers.Integral) or tile_memory < 1 << 20:
+        raise ValueError(f"tile_memory: expected bytes as an integer >= 2**20 (1 MiB), got {tile_memory!r}; "
+                         f"the default is {DEFAULT_TILE_MEMORY} (1 GiB)")
+    return PairOptions(float(cdnv_exponent), float(riesz_s), int(tile_memory))
+
+
+def unscale_cdnv_q(raw: dict, options: PairOptions, e: int) -> None:
+    """cdnv_q of features scaled by 2^-e back to their scale: × 2^(e(2 - q)) (the only metric with units)."""
+    key = cdnv_q_key(options.cdnv_exponent)
+    if key in raw and e:
+        raw[key] = raw[key] * 2.0 ** (e * (2 - options.cdnv_exponent))
+
+
+def check_count(n, name: str) -> int | None:
+    """None, or a positive integer (else ValueError naming ``name``)."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {n!r}")
+    return int(n)
+
+
+def class_subset(counts: torch.Tensor, classes) -> torch.Tensor:
+    """The labels of a subset of classes (M,): ``classes`` as given (distinct labels in
+    0..K-1, at least 2), or for an int M the M most frequent (ties: the smaller label)."""
+    K = len(counts)
+    if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
+        if not 2 <= classes <= K:
+            raise ValueError(f"classes: the number of most frequent classes must lie in 2..{K}, got {classes}")
+        order = torch.sort(-counts.to(torch.float64), stable=True).indices
+        return order[: int(classes)]
+    sel = to_tensor(classes, "classes").flatten()
+    if sel.dtype not in _INT_DTYPES or len(sel) < 2:
+        raise ValueError("classes: expected an int M (the M most frequent) or a list of at least 2 class labels")
+    sel = sel.long().to(counts.device)
+    if int(sel.min()) < 0 or int(sel.max()) >= K or len(torch.unique(sel)) != len(sel):
+        raise ValueError(f"classes: the labels must be distinct and lie in 0..{K - 1}")
+    return sel
+
+
+def _prepare_all(features, labels, weights, bias, num_classes, classes, tile_memory):
+    """Checked (H, y, K, W, b), restricted to ``classes`` (relabelled 0..M-1 in their order)."""
+    H, y, K = _prepare(features, labels, num_classes, check_finite=False, tile_memory=tile_memory)
+    W = b = None
+    if weights is not None:
+        W, b = check_classifier(weights, bias, K, H.shape[1], device=H.device)
+    elif bias is not None:
+        raise ValueError("bias: given without weights; pass weights=W (K, d) as well")
+    if classes is None:
+        return H, y, K, W, b
+    sel = class_subset(torch.bincount(y, minlength=K), classes)
+    new_label = torch.full((K,), -1, dtype=torch.long, device=y.device)
+    new_label[sel] = torch.arange(len(sel), device=y.device)
+    keep = new_label[y] >= 0
+    W = None if W is None else W[sel]
+    b = None if b is None else b[sel]
+    return H[keep], new_label[y[keep]], len(sel), W, b
+
+
+def _papyan2020(raw, K):
     out = {"nc1": raw["nc1"] * K}
-    for name, X in (("features", Mc), ("weights", W)):
-        norms = X.norm(dim=-1)
-        out[f"equinorm_{name}"] = norms.std() / norms.mean()
-        cos = (X @ X.mT) / (norms[:, None] * norms[None, :])
-        off = cos[~torch.eye(K, dtype=torch.bool, device=X.device)]
-        out[f"equiangular_{name}"] = off.std()
-        out[f"maxangle_{name}"] = (off + 1.0 / (K - 1)).abs().mean()
+    for name in ("features", "weights"):
+        for kind in ("equinorm", "equiangular", "maxangle"):
+            out[f"{kind}_{name}"] = raw[f"{kind}_{name}"]
     out["nc3"] = raw["nc3_etf"] ** 2
     out["nc4"] = raw["nc4"]
     return out
+
+
+@torch.inference_mode()
+def per_class(features, labels, weights=None, bias=None, num_classes: int | None = None, rtol: float = RTOL,
+              *, tile_memory: int = DEFAULT_TILE_MEMORY) -> dict:
+    """Each class's part of the collapse metrics, as numpy arrays of shape (K,).
+
+    Returns:
+        count n_k; variance σ_k²; nc1_share, class k's part of NC1 (the shares sum to 1):
+        (1/(N·NC1)) Σ_{i in k} Σ_j (dᵢᵀu_j)²/λ_j with dᵢ = hᵢ - μ_k and the eigenpairs
+        (λ_j, u_j) of M̃ᵀM̃; cdnv_row, the mean over k' ≠ k of (σ_k² + σ_k'²)/(2‖μ_k - μ_k'‖²)
+        (their mean is cdnv); mean_norm ‖μ_k - μ_G‖; and with weights: weight_norm ‖w_k‖,
+        duality cos(w_k, μ_k - μ_G), nc4_error, the fraction of class k's samples whose
+        nearest class mean ≠ argmax(W h + b).
+    """
+    options = pair_options(tile_memory=tile_memory)
+    H, y, K, W, b = _prepare_all(features, labels, weights, bias, num_classes, None, options.memory)
+    rtol = check_rtol(rtol)
+    weight_norm = None if W is None else W.to(torch.float64).norm(dim=-1)
+    H, W, b, e = rescaled(H, W, b, with_exponent=True)
+    M, counts = class_means_t(H, y, K)
+    Mc = centre(M)
+    U, inv_lam = between_class_basis_t(Mc, rtol)
+    within = within_class_pass_t(H, y, M, U, W, b, inv_lam=inv_lam)
+    pairs = pair_metrics(M, within.class_var, None, options)
+    mean_norm = Mc.norm(dim=-1)
+    out = {"count": counts, "variance": times_power_of_two(within.class_var, 2 * e),
+           "nc1_share": within.nc1_class / within.nc1_class.sum(), "cdnv_row": pairs["cdnv_row"],
+           "mean_norm": times_power_of_two(mean_norm, e)}
+    if W is not None:
+        w = W.norm(dim=-1)
+        out |= {"weight_norm": weight_norm, "duality": (W * Mc).sum(-1) / (w * mean_norm), "nc4_error": within.nc4_class / counts}
+    return {k: v.cpu().numpy() for k, v in out.items()}

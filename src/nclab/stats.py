@@ -28,9 +28,11 @@ from nclab._validate import (
     _INT_DTYPES, all_finite, as_float64, as_real, check_classifier, check_fits, check_rtol, max_abs, to_tensor,
 )
 from nclab.metrics import (
-    RTOL, between_class_basis_t, centre, check_memory, finite_value, nc1_t, nc4_t, power_of_two_exponent,
-    scaled_bias, summary_metrics_t, times_power_of_two,
+    RTOL, _float64_chunks, between_class_basis_t, centre, check_memory, class_subset, finite_value, nc1_t,
+    nc4_rows_t, pair_options, power_of_two_exponent, scaled_bias, summary_metrics_t, times_power_of_two,
+    unscale_cdnv_q,
 )
+from nclab.tiles import DEFAULT_TILE_MEMORY, pair_metrics
 
 #: ClassStats accepts float64 batches whose largest |entry| a has 2^-MOMENT_EXP <= a <=
 #: 2^MOMENT_EXP (or a = 0): then every square, and every sum of up to 2^100 of them, is a
@@ -68,15 +70,18 @@ class ClassStats:
 
     @staticmethod
     def memory_bytes(num_classes: int, dim: int, full: bool = True) -> int:
-        """Peak bytes, about: K·d + 2K stored float64 values (+ d² with ``full``), and as
-        many again three times over for an update's batch means, sums and merge (the
-        batch's own (B, d) copies are the caller's to size)."""
+        """Bytes of the statistics, about: K·d + 2K float64 values (+ d² with ``full``), twice
+        (a merge of all classes, :meth:`merge` or :meth:`all_reduce`, builds new ones). An
+        update touches only the classes of its batch (its own (B, d) copies are the caller's
+        to size)."""
         K, d = num_classes, dim
-        return 8 * 4 * (K * d + 2 * K + (d * d if full else 0))
+        return 8 * 2 * (K * d + 2 * K + (d * d if full else 0))
 
     # ------------------------------------------------------------------ accumulate
     def update(self, features, labels) -> "ClassStats":
-        """Add a batch: features (B, d) (any float dtype/device), labels (B,) in 0..K-1."""
+        """Add a batch: features (B, d) (any float dtype, e.g. float32 or bfloat16, on any
+        device), labels (B,) in 0..K-1. Accumulated in float64; only the classes present in
+        the batch are touched, so a batch costs O(B·d + d²), not O(K·d)."""
         H = as_real(features, "features", ndim=2, device=self.counts.device, check_finite=False)
         if H.shape[1] != self.dim:
             raise ValueError(f"features: expected {self.dim} columns, got {H.shape[1]}")
@@ -88,16 +93,15 @@ class ClassStats:
         y = y.long()
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels: values must lie in 0..{self.num_classes - 1}")
-        K = self.num_classes
-        counts = torch.bincount(y, minlength=K).to(H.dtype)
-        sums = torch.zeros(K, self.dim, dtype=H.dtype, device=H.device).index_add_(0, y, H)
-        means = sums / counts.clamp(min=1)[:, None]
-        D = H - means[y]
-        m2 = torch.zeros(K, dtype=H.dtype, device=H.device).index_add_(0, y, D.square().sum(1))
+        present, local = torch.unique(y, return_inverse=True)  # the batch's classes, relabelled 0..u-1
+        u = len(present)
+        counts = torch.bincount(local, minlength=u).to(H.dtype)
+        means = torch.zeros(u, self.dim, dtype=H.dtype, device=H.device).index_add_(0, local, H) / counts[:, None]
+        D = H - means[local]
+        m2 = torch.zeros(u, dtype=H.dtype, device=H.device).index_add_(0, local, D.square().sum(1))
         scatter = D.T @ D if self.full else None
-        self._merge(counts, means, m2, scatter)
+        self._merge(counts, means, m2, scatter, rows=present)
         return self
-
     def merge(self, other: "ClassStats") -> "ClassStats":
         """Fold another accumulator (same K, d) into this one, exactly (Chan et al.)."""
         if not isinstance(other, ClassStats):
@@ -110,16 +114,22 @@ class ClassStats:
         self._merge(other.counts, other.means, other.m2, scatter)
         return self
 
-    def _merge(self, counts, means, m2, scatter):
-        n = self.counts + counts
+    def _merge(self, counts, means, m2, scatter, rows=None):
+        """Chan et al.'s update (module docstring) of the classes ``rows`` (all when None)."""
+        old_n = self.counts if rows is None else self.counts[rows]
+        old_mu = self.means if rows is None else self.means[rows]
+        n = old_n + counts
         safe = n.clamp(min=1)
-        delta = means - self.means
-        w = self.counts * counts / safe
-        self.means = self.means + delta * (counts / safe)[:, None]
-        self.m2 = self.m2 + m2 + w * delta.square().sum(1)
+        delta = means - old_mu
+        w = old_n * counts / safe
+        mu = old_mu + delta * (counts / safe)[:, None]
+        new_m2 = (self.m2 if rows is None else self.m2[rows]) + m2 + w * delta.square().sum(1)
         if self.full:
             self.scatter = self.scatter + scatter + delta.T @ (delta * w[:, None])
-        self.counts = n
+        if rows is None:
+            self.counts, self.means, self.m2 = n, mu, new_m2
+        else:
+            self.counts[rows], self.means[rows], self.m2[rows] = n, mu, new_m2
 
     def all_reduce(self, group=None) -> "ClassStats":
         """Combine the statistics of every process of ``torch.distributed`` in place.
@@ -157,28 +167,69 @@ class ClassStats:
             raise ValueError("within_covariance needs full=True statistics")
         return self.scatter / self.counts.sum()
 
-    def metrics(self, weights=None, rtol: float = RTOL) -> dict[str, float]:
-        """The metrics of :func:`nclab.measure` except nc4 (and nc1 when ``full=False``)."""
+    def metrics(self, weights=None, rtol: float = RTOL, *, cdnv_exponent: float = 2.0, riesz_s: float = 1.0,
+                tile_memory: int = DEFAULT_TILE_MEMORY) -> dict[str, float]:
+        """The metrics of :func:`nclab.measure` except nc4 (and nc1 when ``full=False``).
+
+        Memory beyond the statistics: :func:`nclab.metrics.metrics_memory_bytes` (the K x K
+        quantities in tiles of ``tile_memory`` bytes); NC1 through the smaller of the K x K
+        and d x d eigenproblems.
+        """
         rtol = check_rtol(rtol)
-        empty = torch.nonzero(self.counts == 0).flatten().tolist()
-        if empty:
-            raise ValueError(f"labels: class(es) {empty[:10]} received no samples")
-        check_memory(self.num_classes, self.dim, self.counts.device)
-        W = None
-        if weights is not None:
-            W, _ = check_classifier(weights, None, self.num_classes, self.dim, device=self.counts.device)
-            W = times_power_of_two(W, -power_of_two_exponent(max_abs(W)))  # its metrics are scale-free
-        # at the scale 2^-e that brings the means to ordinary size (the Grams' squares fit)
-        e = power_of_two_exponent(max_abs(self.means))
-        M = times_power_of_two(self.means, -e)
+        options = pair_options(cdnv_exponent, riesz_s, tile_memory)
+        M, class_var, W, e = self._scaled(weights, options.memory)
         nc1 = None
         if self.full:
             U, inv_lam = between_class_basis_t(centre(M), rtol)
             Sigma_W = times_power_of_two(self.within_covariance, -2 * e)
-            nc1 = nc1_t(torch.einsum("dr,de,er->r", U, Sigma_W, U), inv_lam)  # Σ_j u_jᵀΣ_W u_j / λ_j
-        class_var = times_power_of_two(self.m2 / self.counts, -2 * e)
-        raw = summary_metrics_t(M, self.counts, class_var, nc1, W)
+            nc1 = nc1_t(((Sigma_W @ U) * U).sum(0), inv_lam)  # Σ_j u_jᵀΣ_W u_j / λ_j
+        raw = summary_metrics_t(M, self.counts, class_var, nc1, W, extras=options)
+        unscale_cdnv_q(raw, options, e)
         return {k: finite_value(k, v) for k, v in raw.items()}
+
+    def per_class(self, weights=None, *, tile_memory: int = DEFAULT_TILE_MEMORY) -> dict:
+        """Each class's part of the metrics, numpy arrays (K,): count, variance σ_k²,
+        variance_share n_k σ_k² / Σ n σ² (class k's part of Tr Σ_W, hence of nc1_trace),
+        cdnv_row (mean CDNV term against the other classes), mean_norm ‖μ_k - μ_G‖ and, with
+        weights, weight_norm ‖w_k‖ and duality cos(w_k, μ_k - μ_G). NC1 shares and NC4 error
+        rates need the samples again (:func:`nclab.per_class` on features, or
+        :class:`NC4Counter`'s per_class_errors)."""
+        options = pair_options(tile_memory=tile_memory)
+        M, class_var, W, e = self._scaled(weights, options.memory)
+        Mc = centre(M)
+        mean_norm = Mc.norm(dim=-1)
+        spread = self.counts * class_var
+        out = {"count": self.counts, "variance": times_power_of_two(class_var, 2 * e),
+               "variance_share": spread / spread.sum(), "cdnv_row": pair_metrics(M, class_var, None, options)["cdnv_row"],
+               "mean_norm": times_power_of_two(mean_norm, e)}
+        if W is not None:
+            w = W.norm(dim=-1)
+            out |= {"weight_norm": as_float64(weights, "weights", ndim=2).norm(dim=-1),
+                    "duality": (W * Mc).sum(-1) / (w * mean_norm)}
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def subset(self, classes) -> "ClassStats":
+        """The statistics of some classes only, relabelled 0..M-1 in the given order:
+        ``classes`` a list of labels, or an int M for the M most frequent. The result has
+        full=False (the pooled scatter cannot be split by class), so every metric but nc1."""
+        sel = class_subset(self.counts, classes).to(self.counts.device)
+        out = ClassStats(len(sel), self.dim, full=False, device=self.counts.device)
+        out.counts, out.means, out.m2 = self.counts[sel].clone(), self.means[sel].clone(), self.m2[sel].clone()
+        return out
+
+    def _scaled(self, weights, tile_memory):
+        """(M·2^-e, σ²·2^-2e, W·2^-e_W, e): the means at an ordinary scale (their Grams' squares fit)."""
+        empty = torch.nonzero(self.counts == 0).flatten().tolist()
+        if empty:
+            raise ValueError(f"labels: class(es) {empty[:10]} received no samples")
+        check_memory(self.num_classes, self.dim, self.counts.device, tile_memory)
+        W = None
+        if weights is not None:
+            W, _ = check_classifier(weights, None, self.num_classes, self.dim, device=self.counts.device)
+            W = times_power_of_two(W, -power_of_two_exponent(max_abs(W)))  # its metrics are scale-free
+        e = power_of_two_exponent(max_abs(self.means))
+        M = times_power_of_two(self.means, -e)
+        return M, times_power_of_two(self.m2 / self.counts, -2 * e), W, e
 
 
 def _is_int(x) -> bool:
@@ -221,27 +272,52 @@ class NC4Counter:
         self.means_max = max_abs(self.means)
         self.mismatches = torch.zeros((), dtype=torch.float64, device=self.means.device)
         self.seen = torch.zeros_like(self.mismatches)
+        self.class_errors = torch.zeros(K, dtype=torch.float64, device=self.means.device)
+        self.class_seen = torch.zeros_like(self.class_errors)
 
-    def update(self, features) -> "NC4Counter":
-        """Count a batch of features (B, d)."""
+    def update(self, features, labels=None) -> "NC4Counter":
+        """Count a batch of features (B, d); with labels (B,) also per class (:attr:`per_class_errors`).
+
+        Rows go through in chunks whose 2K scores per row stay near a few MB, so any K works.
+        """
         H = as_real(features, "features", ndim=2, device=self.means.device, check_finite=False)
-        if H.shape[1] != self.means.shape[1]:
-            raise ValueError(f"features: expected {self.means.shape[1]} columns (the means' d), got {H.shape[1]}")
+        K, d = self.means.shape
+        if H.shape[1] != d:
+            raise ValueError(f"features: expected {d} columns (the means' d), got {H.shape[1]}")
+        y = None
+        if labels is not None:
+            y = to_tensor(labels, "labels", device=H.device)
+            if y.dtype not in _INT_DTYPES or y.shape != (H.shape[0],) or (
+                    len(y) and (int(y.min()) < 0 or int(y.max()) >= K)):
+                raise ValueError(f"labels: expected ({H.shape[0]},) integers in 0..{K - 1}")
+            y = y.long()
         a = max_abs(H)
         if not math.isfinite(a):
             raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
         e = power_of_two_exponent(max(a, self.means_max))
-        H, M = times_power_of_two(H.to(torch.float64), -e), times_power_of_two(self.means, -e)
-        self.mismatches += nc4_t(H, M, self.W, scaled_bias(self.b, e)) * H.shape[0]
+        M, b = times_power_of_two(self.means, -e), scaled_bias(self.b, e)
+        for rows, Hs in _float64_chunks(H, width=2 * K):
+            wrong = nc4_rows_t(times_power_of_two(Hs, -e), M, self.W, b)
+            self.mismatches += wrong.sum()
+            if y is not None:
+                self.class_errors.index_add_(0, y[rows], wrong.to(torch.float64))
+                self.class_seen.index_add_(0, y[rows], torch.ones_like(y[rows], dtype=torch.float64))
         self.seen += H.shape[0]
         return self
+
+    @property
+    def per_class_errors(self):
+        """NC4 error rate per class (K,) numpy, over the labelled batches (NaN for classes not seen)."""
+        return (self.class_errors / self.class_seen).cpu().numpy()
 
     def all_reduce(self, group=None) -> "NC4Counter":
         import torch.distributed as dist
 
-        both = torch.stack([self.mismatches, self.seen])
+        both = torch.cat([torch.stack([self.mismatches, self.seen]), self.class_errors, self.class_seen])
         dist.all_reduce(both, group=group)
+        K = len(self.class_errors)
         self.mismatches, self.seen = both[0], both[1]
+        self.class_errors, self.class_seen = both[2:2 + K], both[2 + K:]
         return self
 
     @property

@@ -1,0 +1,317 @@
+"""The K x K quantities of the class means, computed in row tiles with a bounded working set.
+
+Every metric that compares classes pairwise lives on a K x K matrix: the Grams M̃M̃ᵀ, MMᵀ,
+WWᵀ, WM̃ᵀ, WMᵀ (NC2, NC3 duality), the pairwise distances ‖μ_k - μ_k'‖ (CDNV), the cosines
+and the distances of the normalised centred means (equiangularity, hyperspherical
+uniformity). For K = 32,768 one such matrix is 8.6 GB of float64, so :func:`pair_metrics`
+never forms one: it visits the matrices in tiles of ``b`` rows (b x K entries, ``b`` chosen
+from a memory budget, see :func:`tile_rows`) and keeps only sums. Symmetric matrices are
+visited on and above the diagonal (blocks above counted twice), so each costs K²d/2
+multiply-adds. When one tile holds all K rows the Grams are formed whole.
+
+Exactness (docs/metrics.md, "Exact at any K"):
+
+* Frame distances ‖G/‖G‖_F - F‖_F need ‖G‖_F before the first tile. With several tiles
+  it is estimated as g' (from the d x d Grams, ‖ABᵀ‖_F² = ⟨AᵀA, BᵀB⟩_F, or a first pass
+  over the tiles when d >= K) and the sums are corrected exactly once the true
+  g = sqrt(Σ G_ij²) is known: with X = G/g' - F and r = g'/g,
+  ‖G/g - F‖² = Σ X² + 2(r - 1) Σ X G/g' + (r - 1)² Σ G²/g'²  (an identity; no cancellation,
+  since r - 1 is of the order of rounding).
+* Squared distances come from the Gram, D_ij = n_i + n_j - 2 G̃_ij with n_i = ‖μ̃_i‖², whose
+  rounding error is at most γ (r_i + r_j)², γ = (d + 4)u/(1 - (d + 4)u), u = 2⁻⁵³, r_i = ‖μ̃_i‖
+  (the d-term dot products, the centring and the two additions; Higham, Accuracy and
+  Stability, §3.1). A pair whose bound exceeds 2⁻⁴⁰ D_ij (about 9e-13 relative) is
+  recomputed from the difference of its uncentred means, so every squared distance, and
+  hence every pairwise mean, is exact to 2⁻⁴⁰ relative. The normalised means m̂_i = μ̃_i/r_i
+  get the same treatment (bound 4(2d + 10)u: the cosines' rounding and ‖m̂_i‖² ≠ 1).
+* The spread of the cosines (equiangularity) is merged tile by tile with Chan et al.'s
+  update of (count, mean, sum of squared deviations), never as E[c²] - E[c]².
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+#: bytes of tile work per call when the caller gives no budget (about 12 b x K float64 arrays)
+DEFAULT_TILE_MEMORY = 1 << 30
+#: bytes per entry of a b x K tile: the Gram tile, the distances, their bounds and masks, the terms
+BYTES_PER_TILE_ENTRY = 8 * 12
+#: pairs whose squared distance is not certified to this relative accuracy are recomputed
+PAIR_RTOL = 2.0**-40
+U64 = 2.0**-53
+
+
+def tile_rows(K: int, memory: int = DEFAULT_TILE_MEMORY) -> int:
+    """Rows b of a tile: b x K entries take about ``memory`` bytes (1 <= b <= K)."""
+    return max(1, min(K, int(memory) // (BYTES_PER_TILE_ENTRY * K)))
+
+
+def _gamma(n: int) -> float:
+    return n * U64 / (1 - n * U64)
+
+
+# ----------------------------------------------------------------------------- frames
+def frame_tile(kind: str, K: int, rows: slice, cols: slice, device) -> torch.Tensor:
+    """Rows ``rows`` and columns ``cols`` of the K x K frame: "etf" E_K = (I - 11ᵀ/K)/sqrt(K-1)
+    (unit Frobenius norm, the normalised Gram of a simplex ETF) or "of" O_K = I/sqrt(K)."""
+    if kind == "etf":
+        diag, off = (1 - 1 / K) / math.sqrt(K - 1), -1 / (K * math.sqrt(K - 1))
+    else:
+        diag, off = 1 / math.sqrt(K), 0.0
+    F = torch.full((rows.stop - rows.start, cols.stop - cols.start), off, dtype=torch.float64, device=device)
+    i = torch.arange(rows.start, rows.stop, device=device)
+    inside = (i >= cols.start) & (i < cols.stop)
+    F[inside.nonzero().squeeze(1), (i[inside] - cols.start)] = diag
+    return F
+
+
+class FrameDistance:
+    """‖G/‖G‖_F - F‖_F accumulated over tiles of G, given an estimate g' of ‖G‖_F (module docstring)."""
+
+    def __init__(self, kind: str, K: int, g_estimate: float):
+        self.kind, self.K, self.g = kind, K, float(g_estimate)
+        self.sum_x2 = self.sum_xg = self.sum_g2 = 0.0
+
+    def add(self, T: torch.Tensor, rows: slice, cols: slice, weight: torch.Tensor | float = 1.0) -> None:
+        """Tile T = G[rows, cols]; ``weight`` (per column, or a number) counts mirrored blocks twice."""
+        Tn = T / self.g
+        X = Tn - frame_tile(self.kind, self.K, rows, cols, T.device)
+        w = weight if isinstance(weight, float) else weight[None, :]
+        self.sum_x2 += float((X.square() * w).sum())
+        self.sum_xg += float((X * Tn * w).sum())
+        self.sum_g2 += float((T.square() * w).sum())
+
+    @property
+    def value(self) -> float:
+        g = math.sqrt(self.sum_g2)
+        if g == 0.0 or self.g == 0.0:
+            return math.nan
+        r1 = self.g / g - 1.0
+        D = self.sum_x2 + 2 * r1 * self.sum_xg + r1 * r1 * self.sum_g2 / self.g**2
+        return math.sqrt(max(D, 0.0))
+
+
+def gram_norm_estimate(A: torch.Tensor, B: torch.Tensor, rows: int) -> float:
+    """‖A Bᵀ‖_F for A (K_a, d), B (K_b, d): through the d x d Grams when d < K_b, else tile by tile."""
+    d = A.shape[1]
+    if d < B.shape[0]:
+        return math.sqrt(max(float((A.mT @ A * (B.mT @ B)).sum()), 0.0))
+    total = 0.0
+    for i in range(0, A.shape[0], rows):
+        total += float((A[i:i + rows] @ B.mT).square().sum())
+    return math.sqrt(total)
+
+
+# ----------------------------------------------------------------------------- running spread
+@dataclass
+class Spread:
+    """Count, mean and sum of squared deviations of a stream of numbers (Chan et al.)."""
+
+    n: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: torch.Tensor, times: int = 1) -> None:
+        """Fold in ``values`` (any shape), each counted ``times`` times."""
+        nb = values.numel()
+        if nb == 0:
+            return
+        mb = float(values.mean())
+        m2b = float((values - mb).square().sum())
+        nb, m2b = nb * times, m2b * times
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * nb / n
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1 in the denominator, as torch.std)."""
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
+
+
+# ----------------------------------------------------------------------------- pairwise distances
+def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, norms: torch.Tensor, points: torch.Tensor,
+                      rows: slice, cols: slice, slack: float) -> tuple[torch.Tensor, int]:
+    """Squared distances of a tile from its Gram tile, exact to PAIR_RTOL (module docstring).
+
+    Args:
+        T: Gram tile P[rows] P[cols]ᵀ (b, c); sq: ‖p_i‖² (K,); norms: ‖p_i‖ (K,);
+        points: the rows recomputed pairs are differenced from (K, d), e.g. the uncentred
+        means; slack: γ of the bound γ (‖p_i‖ + ‖p_j‖)².
+    Returns:
+        (D (b, c), number of recomputed pairs). Diagonal entries (i = j) are left as computed.
+    """
+    D = sq[rows, None] + sq[None, cols] - 2 * T
+    bound = slack * (norms[rows, None] + norms[None, cols]).square()
+    i = torch.arange(rows.start, rows.stop, device=T.device)[:, None]
+    j = torch.arange(cols.start, cols.stop, device=T.device)[None, :]
+    unsure = (~(bound <= PAIR_RTOL * D)) & (i != j)
+    bi, bj = unsure.nonzero(as_tuple=True)
+    if len(bi):
+        diff = points[bi + rows.start] - points[bj + cols.start]
+        D[bi, bj] = diff.square().sum(-1)
+    return D, len(bi)
+
+
+def _upper_weight(rows: slice, cols: slice, device) -> torch.Tensor:
+    """Column weights of a tile on and above the diagonal: 1 inside the diagonal block, 2 beyond."""
+    j = torch.arange(cols.start, cols.stop, device=device)
+    return torch.where(j < rows.stop, 1.0, 2.0).to(torch.float64)
+
+
+def _off_diagonal(rows: slice, cols: slice, device) -> torch.Tensor:
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    j = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    return i != j
+
+
+# ----------------------------------------------------------------------------- the pass
+@dataclass
+class PairOptions:
+    """Knobs of the pairwise metrics: the generalised CDNV's distance exponent q, the Riesz
+    energy's s, and the tile memory in bytes."""
+
+    cdnv_exponent: float = 2.0
+    riesz_s: float = 1.0
+    memory: int = DEFAULT_TILE_MEMORY
+
+
+@dataclass
+class _MeansPass:
+    """Sums over the pairs of classes of the centred-mean Gram G̃ (one visit per tile)."""
+
+    K: int
+    options: PairOptions
+    cdnv_rows: torch.Tensor
+    cdnv_q_sum: float = 0.0
+    log_energy: float = 0.0
+    riesz_energy: float = 0.0
+    maxangle: float = 0.0
+    cosines: Spread = field(default_factory=Spread)
+    recomputed: int = 0
+
+
+def pair_metrics(M: torch.Tensor, class_var: torch.Tensor, W: torch.Tensor | None = None,
+                 options: PairOptions | None = None) -> dict[str, torch.Tensor | float | int]:
+    """Every K x K-based metric of class means M (K, d), σ_k² (K,) and weights W (K, d).
+
+    Returns floats: cdnv, cdnv_q (when q != 2), hu_log, hu_riesz, nc2_etf, nc2_of,
+    equiangular_features, maxangle_features and, with W, nc2w_etf, nc2w_of,
+    nc3_duality_etf, nc3_duality_of, equiangular_weights, maxangle_weights; the tensor
+    cdnv_row (K,) (each class's mean CDNV term over the other classes); the int
+    recomputed_pairs (pairs whose distance the Gram could not certify). Formulas:
+    docs/metrics.md.
+    """
+    options = options or PairOptions()
+    K, d = M.shape
+    b = tile_rows(K, options.memory)
+    Mc = M - M.mean(0, keepdim=True)
+    out: dict = {}
+    sym = [("nc2_etf", Mc, "etf"), ("nc2_of", M, "of")]
+    if W is not None:
+        sym.append(("nc2w", W, None))
+    for key, A, kind in sym:
+        out |= _symmetric_pass(key, A, kind, b, Mc, M, class_var, options)
+    if W is not None:
+        out |= _duality_pass(W, Mc, M, b)
+    return out
+
+
+def _symmetric_pass(key, A, kind, b, Mc, M, class_var, options) -> dict:
+    """One pass over the upper tiles of A Aᵀ; the extra sums of the centred means when A is M̃."""
+    K = A.shape[0]
+    g = gram_norm_estimate(A, A, b) if b < K else None
+    kinds = ("etf", "of") if kind is None else (kind,)
+    frames = {k: FrameDistance(k, K, g or 1.0) for k in kinds}
+    norms = A.norm(dim=-1)
+    weights = Spread()
+    maxangle = 0.0
+    means = _MeansPass(K, options, torch.zeros(K, dtype=torch.float64, device=A.device)) if A is Mc else None
+    for i in range(0, K, b):
+        rows, cols = slice(i, min(i + b, K)), slice(i, K)
+        T = A[rows] @ A[cols].mT
+        if g is None:  # one tile holds the whole Gram: its exact norm first
+            g = math.sqrt(float(T.square().sum()))
+            frames = {k: FrameDistance(k, K, g) for k in kinds}
+        w = _upper_weight(rows, cols, A.device)
+        for f in frames.values():
+            f.add(T, rows, cols, w)
+        if key == "nc2_of":
+            continue
+        off = _off_diagonal(rows, cols, A.device)
+        cos = T / (norms[rows, None] * norms[None, cols])
+        inside = cols.start + torch.arange(cos.shape[1], device=A.device) < rows.stop
+        weights.add(cos[:, inside][off[:, inside]], 1)
+        weights.add(cos[:, ~inside], 2)
+        maxangle += float(((cos + 1 / (K - 1)).abs() * w * off).sum())
+        if means is not None:
+            _add_means_tile(means, T, cos, rows, cols, w, off, Mc, M, norms, class_var)
+    pairs = K * (K - 1)
+    if key == "nc2w":
+        return {"nc2w_etf": frames["etf"].value, "nc2w_of": frames["of"].value,
+                "equiangular_weights": weights.std, "maxangle_weights": maxangle / pairs}
+    out = {key: frames[kind].value}
+    if means is not None:
+        out |= _means_results(means, weights, maxangle / pairs)
+    return out
+
+
+def _add_means_tile(acc: _MeansPass, T, cos, rows, cols, w, off, Mc, M, norms, class_var) -> None:
+    """CDNV and hyperspherical-uniformity sums of one tile of G̃ (module docstring)."""
+    d = Mc.shape[1]
+    sq = norms.square()
+    D, n_re = certified_sq_dist(T, sq, norms, M, rows, cols, _gamma(d + 4))
+    var = class_var[rows, None] + class_var[None, cols]
+    terms = torch.where(off, var / (2 * D), 0.0)
+    _add_rows(acc.cdnv_rows, terms, rows, cols)
+    q = acc.options.cdnv_exponent
+    if q != 2.0:
+        acc.cdnv_q_sum += float((torch.where(off, var / (2 * D.pow(q / 2)), 0.0) * w).sum())
+    # unit vectors m̂ = μ̃/‖μ̃‖: ‖m̂_i - m̂_j‖² = 2 - 2 cos_ij, certified like D
+    ones = torch.ones_like(norms)
+    unit = Mc / norms[:, None]
+    U2, n_re_u = certified_sq_dist(cos, ones, ones, unit, rows, cols, _gamma(2 * d + 10))
+    U2 = torch.where(off, U2, 1.0)
+    acc.log_energy += float((-0.5 * torch.log(U2) * w * off).sum())
+    acc.riesz_energy += float((U2.pow(-acc.options.riesz_s / 2) * w * off).sum())
+    acc.recomputed += n_re + n_re_u
+
+
+def _add_rows(row_sums: torch.Tensor, terms: torch.Tensor, rows: slice, cols: slice) -> None:
+    """Add a symmetric matrix's upper tile to its row sums: row i gets Σ_j terms_ij, and the
+    mirrored block beyond the diagonal block adds its column sums to rows j."""
+    row_sums[rows] += terms.sum(1)
+    beyond = rows.stop - cols.start
+    row_sums[rows.stop:cols.stop] += terms[:, beyond:].sum(0)
+
+
+def _means_results(acc: _MeansPass, cosines: Spread, maxangle: float) -> dict:
+    K, pairs = acc.K, acc.K * (acc.K - 1)
+    out = {"cdnv": float(acc.cdnv_rows.sum()) / pairs, "cdnv_row": acc.cdnv_rows / (K - 1)}
+    if acc.options.cdnv_exponent != 2.0:
+        out["cdnv_q"] = acc.cdnv_q_sum / pairs
+    out |= {"hu_log": acc.log_energy / pairs, "hu_riesz": acc.riesz_energy / pairs,
+            "equiangular_features": cosines.std, "maxangle_features": maxangle,
+            "recomputed_pairs": acc.recomputed}
+    return out
+
+
+def _duality_pass(W, Mc, M, b) -> dict:
+    """NC3 duality: W M̃ᵀ against the ETF and W Mᵀ against the OF, row tiles of W."""
+    K = W.shape[0]
+    frames = {}
+    for key, B, kind in (("nc3_duality_etf", Mc, "etf"), ("nc3_duality_of", M, "of")):
+        g = gram_norm_estimate(W, B, b) if b < K else None
+        acc = None if g is None else FrameDistance(kind, K, g)
+        for i in range(0, K, b):
+            rows = slice(i, min(i + b, K))
+            T = W[rows] @ B.mT
+            if acc is None:
+                acc = FrameDistance(kind, K, math.sqrt(float(T.square().sum())))
+            acc.add(T, rows, slice(0, K))
+        frames[key] = acc.value
+    return frames
