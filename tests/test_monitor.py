@@ -221,6 +221,8 @@ SCRIPT = textwrap.dedent("""
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]  # 8 batches, uneven shares of 3
     res = CollapseMonitor(model, ["act1", "lin2"], K).measure(batches[rank::world])
     json.dump(res, open(sys.argv[1] + f".{rank}", "w"))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # else gloo may abort at exit ("terminate called ...")
 """)
 
 
