@@ -72,3 +72,53 @@ def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "nclab", "measure", "--example", "--json"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["nc4"] == 0.0
+
+
+def test_options_of_the_further_metrics(feature_file, tmp_path, capsys):
+    path, _ = feature_file
+    with np.load(path) as z:
+        want = measure(z["features"], z["labels"], z["weights"], z["bias"], cdnv_exponent=1.0, riesz_s=2.0,
+                       classes=[2, 0, 1], nc4_rows=30, tile_memory=2**20)
+    argv = ["measure", str(path), "--json", "--cdnv-exponent", "1", "--riesz-s", "2", "--classes", "2", "0", "1",
+            "--nc4-rows", "30", "--tile-memory", str(2**-10)]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == pytest.approx(want, rel=1e-12) and "cdnv_q1" in got and got["nc4_rows"] == 30
+    assert main(["measure", str(path), "--top-classes", "3"]) == 0
+    assert "classes 3" in capsys.readouterr().out
+
+
+def test_per_class_csv(feature_file, tmp_path, capsys):
+    import csv
+
+    import nclab
+
+    path, _ = feature_file
+    out = tmp_path / "per_class.csv"
+    assert main(["measure", str(path), "--per-class", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    with np.load(path) as z:
+        want = nclab.per_class(z["features"], z["labels"], z["weights"], z["bias"])
+    assert [int(r["class"]) for r in rows] == [0, 1, 2, 3]
+    for key, values in want.items():
+        assert [float(r[key]) for r in rows] == pytest.approx(list(values), rel=1e-15), key
+    # an existing file is never overwritten
+    before = out.read_bytes()
+    assert main(["measure", str(path), "--per-class", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "0", "9"], "classes: the labels must be distinct and lie in 0..3"),
+    (["--classes", "0", "1", "--top-classes", "2"], "--classes: give --classes or --top-classes, not both"),
+    (["--top-classes", "1"], "classes: the number of most frequent classes must lie in 2..4"),
+    (["--nc4-rows", "0"], "nc4_rows: expected a positive integer"),
+    (["--cdnv-exponent", "-1"], "cdnv_exponent: expected a positive finite number"),
+    (["--tile-memory", "0"], "--tile-memory: expected GiB >= 0.001"),
+    (["--per-class", "x.txt"], "--per-class: give a path ending in .csv"),
+])
+def test_bad_options_are_one_line_errors(feature_file, capsys, extra, message):
+    path, _ = feature_file
+    assert main(["measure", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

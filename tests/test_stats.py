@@ -108,33 +108,41 @@ def _worker(rank, world, port, H, y, W, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        K = W.shape[0]
         part = slice(rank, None, world)  # each rank sees an interleaved shard
-        s = _stream(H[part], y[part], 6, 11).all_reduce()
+        s = _stream(H[part], y[part], K, 11).all_reduce()
         c = NC4Counter(s.means, W)
         c.update(H[part]).all_reduce()
-        queue.put((rank, s.metrics(W), c.value))
+        stats = tuple(t.numpy().copy() for t in (s.counts, s.means, s.m2, s.scatter))  # numpy: sent by value
+        queue.put((rank, s.metrics(W), c.value, stats))
     finally:
         dist.destroy_process_group()
 
 
-def test_all_reduce_two_processes_gloo():
-    H, y, W = _data(seed=5)
+@pytest.mark.parametrize("K, d, n", [(6, 12, 40), (1000, 8, 3)])
+def test_all_reduce_two_processes_gloo(K, d, n):
+    """Two gloo processes: the all-reduced statistics equal one-shot ones to 1e-12, the metrics too."""
+    H, y, W = _data(seed=5, K=K, d=d, n=n)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, H, y, W, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (m, v)) for r, m, v in (queue.get(timeout=120) for _ in procs))
+    results = {r: (m, v, st) for r, m, v, st in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     ref = measure(H, y, W)
-    for metrics, nc4 in results.values():
+    one_shot = ClassStats(K, d).update(H, y)
+    for metrics, nc4, stats in results.values():
         assert nc4 == pytest.approx(ref["nc4"])
         for k, v in metrics.items():
             assert v == pytest.approx(ref[k], rel=1e-10), k
-    assert results[0] == results[1]
+        for got, want in zip(stats, (one_shot.counts, one_shot.means, one_shot.m2, one_shot.scatter)):
+            want = want.numpy()
+            assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
+    assert results[0][:2] == results[1][:2]
 
 
 # ----------------------------------------------------------------- extreme inputs

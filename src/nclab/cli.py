@@ -85,6 +85,19 @@ def _register_measure(sub):
     p.add_argument("--preset", choices=["papyan2020", "zhu2021"],
                    help="another paper's conventions instead of nclab's own (default: none)")
     p.add_argument("--json", action="store_true", help="print the metrics as a JSON dict")
+    p.add_argument("--cdnv-exponent", type=float, default=2.0, metavar="Q",
+                   help="distance exponent q of the generalised CDNV, reported as cdnv_q<Q> when not 2")
+    p.add_argument("--riesz-s", type=float, default=1.0, metavar="S", help="s of the Riesz energy hu_riesz")
+    p.add_argument("--classes", type=int, nargs="+", metavar="LABEL",
+                   help="measure only these classes (relabelled in the given order)")
+    p.add_argument("--top-classes", type=int, metavar="M", help="measure only the M most frequent classes")
+    p.add_argument("--nc4-rows", type=int, metavar="N",
+                   help="count NC4 on a seeded sample of N rows (reported as nc4_rows); default: all rows")
+    p.add_argument("--tile-memory", type=float, default=1.0, metavar="GIB",
+                   help="GiB of working memory for the K x K quantities (they are computed in tiles)")
+    p.add_argument("--per-class", metavar="CSV",
+                   help="also write each class's count, variance, NC1 share, CDNV row mean, mean norm (and "
+                   "with weights: weight norm, duality, NC4 error) to this new CSV file")
     p.set_defaults(func=_cmd_measure)
 
     e = sub.add_parser("make-example", help="write an example feature file (.npz) to measure",
@@ -136,17 +149,63 @@ def _cmd_measure(args):
         data, source = _example(), "built-in example (K=10, d=64, n=100, ETF, noise 0.05)"
     else:
         data, source = load_features(args.file), args.file
+    if args.classes is not None and args.top_classes is not None:
+        raise ValueError("--classes: give --classes or --top-classes, not both")
+    if args.per_class is not None:
+        _check_new_csv(args.per_class)
+    options = dict(cdnv_exponent=args.cdnv_exponent, riesz_s=args.riesz_s,
+                   tile_memory=_tile_bytes(args.tile_memory))
+    classes = args.classes if args.classes is not None else args.top_classes
     result = measure(data["features"], data["labels"], data.get("weights"), data.get("bias"),
-                     preset=args.preset)
+                     preset=args.preset, classes=classes, nc4_rows=args.nc4_rows, **options)
+    if args.per_class is not None:
+        _write_per_class(args.per_class, data, options["tile_memory"])
     if args.json:
         print(json.dumps(result, indent=2))
         return
     N, d = data["features"].shape
     print(f"{source}: N={N}, d={d}, K={int(data['labels'].max()) + 1}"
-          + (f", preset {args.preset}" if args.preset else ""))
+          + (f", preset {args.preset}" if args.preset else "")
+          + (f", classes {classes}" if classes is not None else "")
+          + (f", NC4 on a sample of {args.nc4_rows} rows" if "nc4_rows" in result else ""))
     width = max(map(len, result))
     for k, v in result.items():
         print(f"  {k:<{width}}  {v:.6e}")
+    if args.per_class is not None:
+        print(f"wrote {args.per_class}")
+
+
+def _tile_bytes(gib: float) -> int:
+    import math
+
+    if not math.isfinite(gib) or gib < 2**-10:
+        raise ValueError(f"--tile-memory: expected GiB >= 0.001, got {gib}")
+    return int(gib * 2**30)
+
+
+def _check_new_csv(path: str) -> None:
+    from pathlib import Path
+
+    if not path.endswith(".csv"):
+        raise ValueError(f"--per-class: give a path ending in .csv, got {path}")
+    if Path(path).exists():
+        raise ValueError(f"--per-class: {path} already exists; nclab does not overwrite files it did not "
+                         "write: choose a new name or remove it")
+    if not Path(path).absolute().parent.is_dir():
+        raise ValueError(f"--per-class: the folder of {path} does not exist; create it first")
+
+
+def _write_per_class(path: str, data: dict, tile_memory: int) -> None:
+    from nclab.io import atomic_path, csv_text
+    from nclab.metrics import per_class
+
+    table = per_class(data["features"], data["labels"], data.get("weights"), data.get("bias"),
+                      tile_memory=tile_memory)
+    columns = ["class", *table]
+    rows = [{"class": k, **{c: float(v[k]) for c, v in table.items()}} for k in range(len(table["count"]))]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(csv_text(rows, columns))
 
 
 def _register_theory(sub):
