@@ -37,3 +37,21 @@ def test_network_training_on_cuda(tmp_path):
     summary = run_network_experiment("fig5", tmp_path / "fig5", device="cuda", quiet=True, quick=True)
     assert (tmp_path / "fig5" / "figure.png").is_file()
     assert summary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_stats_on_cuda_from_low_precision_batches(dtype):
+    """Streamed on the GPU from float32/bfloat16 batches (float64 inside), tiled metrics on the GPU = CPU."""
+    from nclab import ClassStats
+
+    H, y, W = collapsed_configuration(300, 32, 6, noise=0.5, seed=1, dtype=torch.float32)
+    H = H.to(dtype)
+    gpu, cpu = ClassStats(300, 32, device="cuda"), ClassStats(300, 32)
+    for i in range(0, len(y), 256):
+        gpu.update(H[i:i + 256].cuda(), y[i:i + 256].cuda())
+        cpu.update(H[i:i + 256], y[i:i + 256])
+    assert gpu.means.dtype == torch.float64 and gpu.means.is_cuda
+    want = cpu.metrics(W, tile_memory=1 << 20)
+    got = gpu.metrics(W.cuda(), tile_memory=1 << 20)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k

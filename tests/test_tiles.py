@@ -229,3 +229,18 @@ def test_metrics_memory_estimate_is_bounded():
     """K = 32,768, d = 1,024: the metrics' working set is a few GB, not the 8.6 GB of one K x K matrix."""
     assert M.metrics_memory_bytes(32768, 1024) < 4 * 2**30
     assert M.metrics_memory_bytes(1000, 512) < 2**30
+
+
+@pytest.mark.parametrize("K, d", [(50, 30), (20, 64), (200, 8)])
+def test_existing_results_unchanged(K, d):
+    """The whole-Gram kernels (the UFM solver's, and measure's before tiles) and the tiled pass agree to 1e-12."""
+    H, y, W, _ = _clusters(K, d, 4, seed=K)
+    Hm = torch.tensor(H)
+    means, counts = M.class_means_t(Hm, torch.tensor(y), K)
+    var = torch.tensor([((H[y == k] - H[y == k].mean(0)) ** 2).sum(1).mean() for k in range(K)])
+    Wt = torch.tensor(W)
+    whole = M._batched_summary(means, counts, var, None, Wt)
+    for memory in (M.DEFAULT_TILE_MEMORY, 1 << 20):
+        tiled = M.summary_metrics_t(means, counts, var, None, Wt, extras=PairOptions(memory=memory))
+        for k, v in whole.items():
+            assert float(tiled[k]) == pytest.approx(float(v), rel=1e-12, abs=1e-300), (memory, k)
