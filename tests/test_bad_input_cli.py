@@ -188,6 +188,10 @@ REPRODUCE_CASES = {
     "--data for UFM": (["ufm", "--data", "somewhere"], "--data"),
     "--data with no name": (["--data", "somewhere"], "--data"),
     "--iterations for a network": (["fig5", "--iterations", "5"], "--iterations"),
+    "--full for UFM": (["ufm", "fig3", "--full"], "--full: applies only to fig5, fig10"),
+    "--full with no name": (["--full"], "--full"),
+    "--full and --quick": (["fig5", "--full", "--quick"], "--quick, --full: choose one"),
+    "--full on a missing folder": (["fig10", "--full", "--data", "nowhere"], "no CIFAR-10 under"),
     "zero iterations": (["ufm", "--iterations", "0"], "--iterations"),
 }
 
@@ -241,6 +245,8 @@ TRAIN_CASES = {
     "empty runs": ("[runs]\n", [], "config: runs"),
     "run name escaping": ('[runs."../x"]\nloss = "ce"\n', [], "run name"),
     "digits with --data": ("", ["--data", "somewhere"], "train.data"),
+    "MNIST sample with --data": ('dataset = "mnist5k"\n', ["--data", "somewhere"], "mnist5k data set ships"),
+    "compile as a string": ('compile = "yes"\n', [], "train.compile"),
 }
 
 

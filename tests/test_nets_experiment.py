@@ -4,8 +4,10 @@ import json
 import pytest
 
 from nclab.cli import main
-from nclab.nets.experiment import experiment_configs, report_markdown, run_network_experiment
+from nclab.nets.experiment import (CPU_PER_CLASS, CPU_SCALE, GPU_IMAGES_PER_S, experiment_configs, gpu_estimate,
+                                   report_markdown, run_network_experiment)
 from nclab.nets.measure import read_metrics_csv
+from nclab.settings import PAPER
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,10 @@ def test_fig5_quick_outputs(fig5_quick):
     for f in ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf"):
         assert (out / f).is_file(), f
     assert set(summary["runs"]) == {"mse_nobias", "ce_bias"}
-    assert summary["real_data"] is False and "digits" in summary["data_source"]
+    assert summary["real_data"] is True and "MNIST sample" in summary["data_source"]
+    assert summary["data"] == {"name": "mnist5k", "train_size": 200, "test_size": 1000, "image_shape": [1, 32, 32]}
+    assert json.loads((out / "summary.json").read_text())["data"] == summary["data"]
+    assert json.loads((out / "mse_nobias" / "summary.json").read_text())["data"] == summary["data"]
     assert json.loads((out / "summary.json").read_text())["experiment"] == "fig5"
     mse = summary["runs"]["mse_nobias"]["config"]
     assert mse["loss"] == "mse" and mse["bias"] is False
@@ -30,7 +35,8 @@ def test_fig5_quick_outputs(fig5_quick):
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert header == "run,epoch,split,layer,metric,value"
     md = report_markdown(summary, "fig5")
-    assert "fig5/figure.png" in md and "| penultimate |" in md and "digits" in md
+    assert "fig5/figure.png" in md and "| penultimate |" in md and "5,000-image sample of the paper's" in md
+    assert "NC1 held-out" in md and "200 training, 1000 held-out images of shape 1x32x32" in md
     # NC3 per run: orthogonal frame for MSE without bias, simplex ETF with bias / CE
     mse_part, ce_part = md.split("**cross-entropy, bias**")
     assert "NC3 (OF)" in mse_part and "NC3 (ETF)" not in mse_part
@@ -67,8 +73,19 @@ def test_config_reruns(fig5_quick, tmp_path):
 
 
 def test_experiment_configs():
-    real = experiment_configs("fig10", data="/some/where")
-    assert real["mse_nobias"].dataset == "cifar10" and real["mse_nobias"].width == 1.0
+    default = experiment_configs("fig5")["mse_nobias"]
+    assert default.dataset == "mnist5k" and default.data is None and default.width < 1 and default.per_class is None
+    assert (default.lr_step, default.lr_gamma, default.batch_size, default.momentum) == (
+        CPU_SCALE["lr_step"], PAPER["net_lr_gamma"], PAPER["net_batch_size"], PAPER["net_momentum"])
+    cpu = experiment_configs("fig10", data="/some/where")["mse_nobias"]  # --data alone: the CPU scale
+    assert cpu.dataset == "cifar10" and cpu.width == default.width and cpu.per_class == CPU_PER_CLASS
+    real = experiment_configs("fig10", data="/some/where", full=True)["mse_nobias"]  # --full: the paper's
+    assert real.dataset == "cifar10" and real.width == 1.0 and real.stem == "small" and real.per_class is None
+    assert (real.epochs, real.lr_step) == (PAPER["net_epochs"], PAPER["net_lr_step"])
+    sample = experiment_configs("fig5", full=True)["ce_bias"]
+    assert sample.dataset == "mnist5k" and sample.width == 1.0 and sample.epochs == PAPER["net_epochs"]
+    with pytest.raises(ValueError, match="--quick, --full"):
+        experiment_configs("fig5", quick=True, full=True)
     fig5 = experiment_configs("fig5", data="/d", epochs=7)
     assert fig5["ce_bias"].dataset == "mnist" and fig5["ce_bias"].epochs == 7
     # MSE in the UFM scaling with the torch.nn.MSELoss-equivalent step and decay (K = 10)
@@ -101,14 +118,30 @@ def test_train_command_errors(tmp_path, capsys, args, word):
     assert word in err and err.count("\n") == 1
 
 
+def test_gpu_estimate_states_its_source():
+    runs = experiment_configs("fig5", data="/d", full=True)
+    line = gpu_estimate("fig5", runs)
+    minutes = 2 * PAPER["net_epochs"] * 60000 / GPU_IMAGES_PER_S * (1 + 0.15 / 5) / 60  # eval_every 5
+    assert f"about {minutes:.0f} min" in line and "60,000 images" in line and "assumed" in line
+    assert "benchmarks/train.py" in line
+    assert "4,000 images" in gpu_estimate("fig5", experiment_configs("fig5", full=True))
+
+
 @pytest.mark.slow
-def test_default_digits_reproduction_shows_depthwise_collapse(tmp_path):
+def test_default_reproduction_shows_collapse_in_time_and_depth(tmp_path):
+    """The CPU default of fig5 (no --data): the paper's claims on the MNIST sample within 10 minutes."""
     summary = run_network_experiment("fig5", tmp_path, quiet=True)
-    assert summary["wall_time_s"] < 600
-    for run in summary["runs"].values():
-        nc1 = [run["final"]["train"][lv]["nc1"] for lv in ("layer1", "layer2", "layer3", "penultimate")]
-        assert nc1 == sorted(nc1, reverse=True), nc1
-        assert run["final"]["train"]["network"]["accuracy"] > 0.99
+    assert summary["wall_time_s"] < 600 and summary["data"]["name"] == "mnist5k"
+    rows = read_metrics_csv(tmp_path / "metrics.csv")
+    for name, run in summary["runs"].items():
+        final = run["final"]["train"]
+        nc1 = [final[lv]["nc1"] for lv in ("stem", "layer1", "layer2", "layer3", "penultimate")]
+        assert nc1 == sorted(nc1, reverse=True), (name, nc1)
+        assert final["network"]["accuracy"] == 1.0, name
+        pen = {m: [r["value"] for r in rows if r["run"] == name and r["split"] == "train"
+                   and r["layer"] == "penultimate" and r["metric"] == m] for m in ("nc1", "nc2_etf")}
+        for m, values in pen.items():  # falling through training: the last below the first and the middle
+            assert values[-1] < values[len(values) // 2] < values[0], (name, m, values)
 
 
 def test_train_help_shows_defaults(capsys):
@@ -116,3 +149,26 @@ def test_train_help_shows_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "classifier bias (default False)" in text and "--force" in text
+
+
+def test_fig10_quick_on_a_cifar_folder_end_to_end(tmp_path):
+    """A tiny CIFAR-10 folder in the real format (python pickles): nclab reproduce fig10 --quick --data."""
+    from tests.test_nets_data import make_cifar
+
+    make_cifar(tmp_path / "data", n=40)  # 5 x 40 training images: 20 per class, as --quick takes
+    out = tmp_path / "out"
+    assert main(["reproduce", "fig10", "--quick", "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--quiet"]) == 0
+    summary = json.loads((out / "fig10" / "summary.json").read_text())
+    assert summary["experiment"] == "fig10" and summary["real_data"] is True
+    assert summary["data"] == {"name": "cifar10", "train_size": 200, "test_size": 40, "image_shape": [3, 32, 32]}
+    run = summary["runs"]["mse_nobias"]
+    assert run["config"]["dataset"] == "cifar10" and run["final_epoch"] == 4
+    rows = read_metrics_csv(out / "fig10" / "metrics.csv")
+    assert {r["split"] for r in rows} == {"train", "test"} and {r["run"] for r in rows} == {"mse_nobias"}
+    levels = {r["layer"] for r in rows if r["split"] == "test" and r["metric"] == "nc1"}
+    assert levels == {"stem", "layer1", "layer2", "layer3", "penultimate"}
+    for name in ("figure.png", "figure.pdf", "figure-column.png", "caption.md", "mse_nobias/checkpoint.pt"):
+        assert (out / "fig10" / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "## fig10" in report and "— real data." in report and "NC1 held-out" in report

@@ -28,6 +28,7 @@ def fake_rows(epochs=(0, 5, 10, 15, 20, 25, 30, 100, 150, 200), ncc: bool = Fals
                 rows.append(dict(epoch=e, split=split, layer="penultimate", metric="ncc_accuracy", value=1 - 0.4 / t))
         for i, level in enumerate(LEVELS):
             rows += [dict(epoch=e, split="train", layer=level, metric="nc1", value=(10 - i) / t),
+                     dict(epoch=e, split="test", layer=level, metric="nc1", value=(12 - i) / t ** 0.5),
                      dict(epoch=e, split="train", layer=level, metric="nc2_etf", value=1 / (i + t))]
         for m in ("nc3_of", "nc3_duality_of", "nc3_etf", "nc3_duality_etf"):
             rows.append(dict(epoch=e, split="train", layer="penultimate", metric=m, value=2 / t))
@@ -71,7 +72,19 @@ def test_accuracy_panel_shows_ncc_when_present():
         try:
             labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes
                       if ax.get_ylabel() == "accuracy"]
-            assert labels[0] == ["train", "test"] and "NCC train" in labels[1]
+            assert labels[0] == ["train", "held-out"] and "NCC train" in labels[1] and "NCC held-out" in labels[1]
+        finally:
+            plt.close(fig)
+
+
+def test_held_out_lines_in_nc1_and_depth_panels():
+    with plt.rc_context(figstyle.rc("full")):
+        fig = figure({"mse_nobias": RUNS["mse_nobias"]}, "full", nc3_frames=FRAMES)
+        try:
+            nc1_panel, depth_panel = ([t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes
+                                      if ax.get_ylabel() == "NC1")
+            assert nc1_panel == ["train", "held-out"]
+            assert depth_panel == ["epoch 0", "epoch 200", "held-out"]
         finally:
             plt.close(fig)
 

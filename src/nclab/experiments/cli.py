@@ -20,7 +20,12 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: 1/{registry.QUICK_FACTOR} of the iterations, tiny networks")
-    p.add_argument("--data", help="folder with MNIST / CIFAR-10 for fig5 / fig10 (default: digits)")
+    p.add_argument("--data", help="folder with MNIST / CIFAR-10 for fig5 / fig10 (torchvision's layout; default: "
+                   "the MNIST sample built in, 400 train / 100 held-out images per class)")
+    p.add_argument("--full", action="store_true",
+                   help="fig5 / fig10 at the paper's scale (full-width ResNet18, 200 epochs; the whole --data set, "
+                   "else the MNIST sample), made for a GPU; prints its expected GPU time first (default: a "
+                   "CPU-sized run, about 10 minutes for fig5 on 2 cores)")
     _add_folder_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
@@ -99,9 +104,15 @@ def _cmd_reproduce(args) -> None:
 
     if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations: must be a positive integer, got {args.iterations}")
-    opts = registry.Options(quick=args.quick, iterations=args.iterations, device=args.device, data=args.data)
-    chosen = registry.select(args.names, opts, {"iterations": args.iterations is not None, "data": bool(args.data)})
+    opts = registry.Options(quick=args.quick, iterations=args.iterations, device=args.device, data=args.data,
+                            full=args.full)
+    chosen = registry.select(args.names, opts, {"iterations": args.iterations is not None, "data": bool(args.data),
+                                                "full": args.full})
     settings = {e.name: e.settings(opts) for e in chosen}  # every setting checked before anything runs
+    for e in chosen:
+        notice = e.notice(settings[e.name], opts)
+        if notice:
+            _say(args, notice)
     start, sections = time.perf_counter(), []
     with RunDir(args.out or default_out("reproduce"), mode=_mode(args)) as rd:
         for e in chosen:

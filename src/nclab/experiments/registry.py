@@ -15,7 +15,7 @@ from nclab.experiments import config as C
 #: ``nclab reproduce --quick`` runs 1/QUICK_FACTOR of each UFM experiment's iterations
 QUICK_FACTOR = 20
 #: reproduce options that apply to each kind of experiment
-OPTIONS = {"ufm": ("iterations",), "network": ("data",)}
+OPTIONS = {"ufm": ("iterations",), "network": ("data", "full")}
 NETWORK = {"fig5": "ResNet18 on MNIST, MSE and cross-entropy (paper Fig. 5)",
            "fig10": "ResNet18 on CIFAR-10, MSE (paper Fig. 10)"}
 
@@ -28,6 +28,7 @@ class Options:
     iterations: int | None = None
     device: str = "cpu"
     data: str | None = None
+    full: bool = False  # network experiments at the paper's scale (else the CPU default)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,15 @@ class Experiment:
             return _ufm_settings(self.name, opts)
         from nclab.nets.experiment import experiment_configs
 
-        return experiment_configs(self.name, data=opts.data, device=opts.device, quick=opts.quick)
+        return experiment_configs(self.name, data=opts.data, device=opts.device, quick=opts.quick, full=opts.full)
+
+    def notice(self, settings, opts: Options) -> str | None:
+        """A line to print before the experiment starts: the expected GPU time of ``--full`` runs."""
+        if self.kind != "network" or not opts.full:
+            return None
+        from nclab.nets.experiment import gpu_estimate
+
+        return gpu_estimate(self.name, settings)
 
     @staticmethod
     def settings_record(settings) -> dict:

