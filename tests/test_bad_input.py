@@ -137,10 +137,11 @@ def test_k_above_n_is_rejected_before_allocating(monkeypatch, labels, num_classe
 
 def test_k_work_that_cannot_fit_is_rejected_with_an_estimate(monkeypatch):
     monkeypatch.setattr(_validate, "total_memory", lambda device=None: 2**20)
-    K = 200  # 30 K² float64 = 9.2 MiB > 1 MiB
-    with pytest.raises(ValueError, match=r"^labels: K = 200 classes .* need about 0.0\d+ GiB .* 0.000977 GiB"):
+    K = 200  # the tiles of the K x K quantities alone: 96 K² bytes = 3.7 MiB > 1 MiB
+    with pytest.raises(ValueError, match=r"^labels: the metrics of K = 200 classes in d = 2 need about 0.00\d+ GiB "
+                       r".* 0.000977 GiB"):
         measure(np.random.default_rng(0).standard_normal((K, 2)), np.arange(K))
-    with pytest.raises(ValueError, match="^labels: K = 200"):
+    with pytest.raises(ValueError, match="^labels: the metrics of K = 200"):
         nc2_weights(np.ones((K, 2)))
 
 

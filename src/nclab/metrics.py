@@ -71,7 +71,9 @@ from nclab._validate import (
     check_rtol, max_abs, to_tensor,
 )
 from nclab.frames import orthogonal_frame, simplex_etf
-from nclab.tiles import BYTES_PER_TILE_ENTRY, DEFAULT_TILE_MEMORY, PairOptions, pair_metrics, tile_rows
+from nclab.tiles import (
+    BYTES_PER_TILE_ENTRY, DEFAULT_TILE_MEMORY, PairOptions, frame_distance, pair_metrics, tile_rows,
+)
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
 RTOL = 1e-10
@@ -588,24 +590,20 @@ def nc2(features, labels, frame: str = "etf", num_classes=None) -> float:
     H, y, K = _prepare(features, labels, num_classes)
     H, _, _ = rescaled(H)
     M, _ = class_means_t(H, y, K)
-    if frame == "etf":
-        Mc = centre(M)
-        return finite_value("nc2_etf", frame_distance_t(Mc @ Mc.mT, simplex_etf(K, device=H.device)))
-    return finite_value("nc2_of", frame_distance_t(M @ M.mT, orthogonal_frame(K, device=H.device)))
+    return finite_value(f"nc2_{frame}", frame_distance(centre(M) if frame == "etf" else M, frame))
 
 
 def nc2_weights(weights, frame: str = "etf") -> float:
-    """Distance of the normalised W Wᵀ (K x K) to the simplex ETF or orthogonal frame."""
+    """Distance of the normalised W Wᵀ (K x K, visited in tiles) to the simplex ETF or orthogonal frame."""
     W = as_float64(weights, "weights", ndim=2)
     K = W.shape[0]
-    targets = {"etf": simplex_etf, "of": orthogonal_frame}
-    if frame not in targets:
+    if frame not in ("etf", "of"):
         raise ValueError(f"frame: expected 'etf' or 'of', got {frame!r}")
     if K < 2:
         raise ValueError("weights: need at least 2 rows (classes)")
     check_memory(K, W.shape[1], W.device)
     W = times_power_of_two(W, -power_of_two_exponent(max_abs(W)))
-    return finite_value(f"nc2w_{frame}", frame_distance_t(W @ W.mT, targets[frame](K, device=W.device)))
+    return finite_value(f"nc2w_{frame}", frame_distance(W, frame))
 
 
 def nc4(features, labels, weights, bias=None, num_classes=None) -> float:

@@ -211,19 +211,27 @@ def pair_metrics(M: torch.Tensor, class_var: torch.Tensor, W: torch.Tensor | Non
     b = tile_rows(K, options.memory)
     Mc = M - M.mean(0, keepdim=True)
     out: dict = {}
-    sym = [("nc2_etf", Mc, "etf"), ("nc2_of", M, "of")]
+    sym = [("nc2_etf", Mc, "etf", True), ("nc2_of", M, "of", False)]
     if W is not None:
-        sym.append(("nc2w", W, None))
-    for key, A, kind in sym:
-        out |= _symmetric_pass(key, A, kind, b, Mc, M, class_var, options)
+        sym.append(("nc2w", W, None, True))
+    for key, A, kind, angles in sym:
+        out |= _symmetric_pass(key, A, kind, b, angles, (Mc, M, class_var, options))
     if W is not None:
         out |= _duality_pass(W, Mc, M, b)
     return out
 
 
-def _symmetric_pass(key, A, kind, b, Mc, M, class_var, options) -> dict:
-    """One pass over the upper tiles of A Aᵀ; the extra sums of the centred means when A is M̃."""
+def frame_distance(A: torch.Tensor, kind: str, memory: int = DEFAULT_TILE_MEMORY) -> float:
+    """‖AAᵀ/‖AAᵀ‖_F - F‖_F for A (K, d) in tiles; F the "etf" or "of" frame (:func:`frame_tile`)."""
+    return _symmetric_pass("gram", A, kind, tile_rows(A.shape[0], memory), False)["gram"]
+
+
+def _symmetric_pass(key, A, kind, b, angles, means_of=None) -> dict:
+    """One pass over the upper tiles of A Aᵀ: its frame distance(s) (``kind`` None: both), with
+    ``angles`` the spread of its cosines, and with ``means_of`` = (M̃, M, σ², options) and
+    A = M̃ the CDNV and hyperspherical sums of the centred means."""
     K = A.shape[0]
+    Mc, M, class_var, options = means_of or (None, None, None, None)
     g = gram_norm_estimate(A, A, b) if b < K else None
     kinds = ("etf", "of") if kind is None else (kind,)
     frames = {k: FrameDistance(k, K, g or 1.0) for k in kinds}
@@ -240,7 +248,7 @@ def _symmetric_pass(key, A, kind, b, Mc, M, class_var, options) -> dict:
         w = _upper_weight(rows, cols, A.device)
         for f in frames.values():
             f.add(T, rows, cols, w)
-        if key == "nc2_of":
+        if not angles:
             continue
         off = _off_diagonal(rows, cols, A.device)
         cos = T / (norms[rows, None] * norms[None, cols])
