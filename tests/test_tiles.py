@@ -8,7 +8,7 @@ import torch
 import nclab
 from nclab import ClassStats, NC4Counter, collapsed_configuration, measure
 from nclab import metrics as M
-from nclab.tiles import FrameDistance, PairOptions, Spread, certified_sq_dist, pair_metrics, tile_rows
+from nclab.tiles import FrameDistance, PairOptions, Spread, Tile, certified_sq_dist, pair_metrics, tile_rows
 
 
 def _clusters(K, d, n, seed=0, spread=3.0, offset=0.0):
@@ -40,7 +40,7 @@ def test_frame_distance_corrects_a_wrong_norm_estimate():
     exact = float(torch.linalg.matrix_norm(G / g - nclab.simplex_etf(40)))
     fd = FrameDistance("etf", 40, g * (1 + 1e-6))
     for i in range(0, 40, 7):
-        fd.add(G[i:i + 7], slice(i, min(i + 7, 40)), slice(0, 40))
+        fd.add(G[i:i + 7], Tile(slice(i, min(i + 7, 40)), slice(0, 40), upper=False))
     assert fd.value == pytest.approx(exact, rel=1e-12)
 
 
@@ -48,8 +48,8 @@ def test_certified_distances_recompute_what_the_gram_cannot_certify():
     """Two means 1e-9 apart at norm 1e3: the Gram trick loses everything; the recomputed pair is exact."""
     P = torch.tensor([[1e3, 0.0], [1e3, 1e-9], [0.0, 1e3]], dtype=torch.float64)
     T = P @ P.T
-    sq, norms = P.square().sum(1), P.norm(dim=1)
-    D, recomputed = certified_sq_dist(T, sq, norms, P, slice(0, 3), slice(0, 3), 4 * 2.0**-53)
+    sq = P.square().sum(1)
+    D, recomputed = certified_sq_dist(T, sq, P, Tile(slice(0, 3), slice(0, 3), upper=False), 4 * 2.0**-53)
     assert recomputed == 2  # (0, 1) and (1, 0); the far pairs are certified
     assert float(D[0, 1]) == pytest.approx(1e-18, rel=1e-12)
     assert float(D[0, 2]) == pytest.approx(2e6, rel=1e-15)

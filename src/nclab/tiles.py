@@ -53,43 +53,71 @@ def _gamma(n: int) -> float:
 
 
 # ----------------------------------------------------------------------------- frames
-def frame_tile(kind: str, K: int, rows: slice, cols: slice, device) -> torch.Tensor:
-    """Rows ``rows`` and columns ``cols`` of the K x K frame: "etf" E_K = (I - 11ᵀ/K)/sqrt(K-1)
+def frame_entries(kind: str, K: int) -> tuple[float, float]:
+    """(diagonal, off-diagonal) entry of the K x K frame: "etf" E_K = (I - 11ᵀ/K)/sqrt(K-1)
     (unit Frobenius norm, the normalised Gram of a simplex ETF) or "of" O_K = I/sqrt(K)."""
     if kind == "etf":
-        diag, off = (1 - 1 / K) / math.sqrt(K - 1), -1 / (K * math.sqrt(K - 1))
-    else:
-        diag, off = 1 / math.sqrt(K), 0.0
-    F = torch.full((rows.stop - rows.start, cols.stop - cols.start), off, dtype=torch.float64, device=device)
-    i = torch.arange(rows.start, rows.stop, device=device)
-    inside = (i >= cols.start) & (i < cols.stop)
-    F[inside.nonzero().squeeze(1), (i[inside] - cols.start)] = diag
-    return F
+        return (1 - 1 / K) / math.sqrt(K - 1), -1 / (K * math.sqrt(K - 1))
+    return 1 / math.sqrt(K), 0.0
+
+
+class Tile:
+    """Rows ``rows`` and columns ``cols`` of a K x K matrix. For a symmetric matrix visited on
+    and above the diagonal (``upper``), the first ``rows.stop - cols.start`` columns are the
+    diagonal block (weight 1) and the rest stand for their mirror image too (weight 2)."""
+
+    def __init__(self, rows: slice, cols: slice, upper: bool):
+        self.rows, self.cols, self.upper = rows, cols, upper
+        self.inside = rows.stop - cols.start if upper else cols.stop - cols.start
+        first = max(rows.start, cols.start)  # the diagonal entries (i, i) within the tile
+        last = min(rows.stop, cols.stop)
+        self.diag = (torch.arange(first - rows.start, last - rows.start),
+                     torch.arange(first - cols.start, last - cols.start))
+
+    def total(self, X: torch.Tensor) -> float:
+        """Σ weight · X over the tile (all weights 1 unless ``upper``)."""
+        return float(X[:, :self.inside].sum()) + 2 * float(X[:, self.inside:].sum())
+
+    def total_sq(self, X: torch.Tensor) -> float:
+        """Σ weight · X² over the tile, without a squared copy."""
+        return (float(torch.linalg.vector_norm(X[:, :self.inside])) ** 2
+                + 2 * float(torch.linalg.vector_norm(X[:, self.inside:])) ** 2)
+
+    def diagonal(self, X: torch.Tensor) -> torch.Tensor:
+        """The entries (i, i) of X within the tile (a view-indexed copy)."""
+        return X[self.diag[0].to(X.device), self.diag[1].to(X.device)]
+
+    def set_diagonal(self, X: torch.Tensor, value: float) -> None:
+        X[self.diag[0].to(X.device), self.diag[1].to(X.device)] = value
 
 
 class FrameDistance:
     """‖G/‖G‖_F - F‖_F accumulated over tiles of G, given an estimate g' of ‖G‖_F (module docstring)."""
 
     def __init__(self, kind: str, K: int, g_estimate: float):
-        self.kind, self.K, self.g = kind, K, float(g_estimate)
-        self.sum_x2 = self.sum_xg = self.sum_g2 = 0.0
+        self.diag, self.off = frame_entries(kind, K)
+        self.g = float(g_estimate)
+        self.sum_x2 = self.sum_x = self.sum_x_diag = self.sum_t2 = 0.0
 
-    def add(self, T: torch.Tensor, rows: slice, cols: slice, weight: torch.Tensor | float = 1.0) -> None:
-        """Tile T = G[rows, cols]; ``weight`` (per column, or a number) counts mirrored blocks twice."""
-        Tn = T / self.g
-        X = Tn - frame_tile(self.kind, self.K, rows, cols, T.device)
-        w = weight if isinstance(weight, float) else weight[None, :]
-        self.sum_x2 += float((X.square() * w).sum())
-        self.sum_xg += float((X * Tn * w).sum())
-        self.sum_g2 += float((T.square() * w).sum())
+    def add(self, T: torch.Tensor, tile: Tile) -> None:
+        """Tile T of G. Keeps Σ X², Σ X, Σ_diagonal X (X = G/g' - F) and Σ (G/g')², from which
+        Σ X·G/g' = Σ X² + off·Σ X + (diag - off)·Σ_diagonal X follows (it only enters times r - 1)."""
+        X = torch.div(T, self.g)
+        self.sum_t2 += tile.total_sq(X)
+        X.sub_(self.off)
+        dX = tile.diagonal(X) - (self.diag - self.off)
+        tile.set_diagonal(X, 0.0)
+        self.sum_x2 += tile.total_sq(X) + float(dX.square().sum())
+        self.sum_x += tile.total(X) + float(dX.sum())
+        self.sum_x_diag += float(dX.sum())
 
     @property
     def value(self) -> float:
-        g = math.sqrt(self.sum_g2)
-        if g == 0.0 or self.g == 0.0:
+        if self.sum_t2 == 0.0 or self.g == 0.0:
             return math.nan
-        r1 = self.g / g - 1.0
-        D = self.sum_x2 + 2 * r1 * self.sum_xg + r1 * r1 * self.sum_g2 / self.g**2
+        r1 = 1.0 / math.sqrt(self.sum_t2) - 1.0  # g'/g - 1, with g = g' sqrt(Σ (G/g')²)
+        sum_xg = self.sum_x2 + self.off * self.sum_x + (self.diag - self.off) * self.sum_x_diag
+        D = self.sum_x2 + 2 * r1 * sum_xg + r1 * r1 * self.sum_t2
         return math.sqrt(max(D, 0.0))
 
 
@@ -118,9 +146,8 @@ class Spread:
         nb = values.numel()
         if nb == 0:
             return
-        mb = float(values.mean())
-        m2b = float((values - mb).square().sum())
-        nb, m2b = nb * times, m2b * times
+        var, mb = torch.var_mean(values, correction=0)
+        nb, m2b, mb = nb * times, float(var) * nb * times, float(mb)
         n = self.n + nb
         delta = mb - self.mean
         self.mean += delta * nb / n
@@ -134,39 +161,27 @@ class Spread:
 
 
 # ----------------------------------------------------------------------------- pairwise distances
-def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, norms: torch.Tensor, points: torch.Tensor,
-                      rows: slice, cols: slice, slack: float) -> tuple[torch.Tensor, int]:
+def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, points: torch.Tensor, tile: Tile,
+                      slack: float) -> tuple[torch.Tensor, int]:
     """Squared distances of a tile from its Gram tile, exact to PAIR_RTOL (module docstring).
 
     Args:
-        T: Gram tile P[rows] P[cols]ᵀ (b, c); sq: ‖p_i‖² (K,); norms: ‖p_i‖ (K,);
-        points: the rows recomputed pairs are differenced from (K, d), e.g. the uncentred
-        means; slack: γ of the bound γ (‖p_i‖ + ‖p_j‖)².
+        T: Gram tile P[rows] P[cols]ᵀ (b, c); sq: ‖p_i‖² (K,); points: the rows recomputed
+        pairs are differenced from (K, d), e.g. the uncentred means; slack: γ of the
+        rounding bound γ(‖p_i‖ + ‖p_j‖)² <= 2γ(‖p_i‖² + ‖p_j‖²).
     Returns:
         (D (b, c), number of recomputed pairs). Diagonal entries (i = j) are left as computed.
     """
-    D = sq[rows, None] + sq[None, cols] - 2 * T
-    bound = slack * (norms[rows, None] + norms[None, cols]).square()
-    i = torch.arange(rows.start, rows.stop, device=T.device)[:, None]
-    j = torch.arange(cols.start, cols.stop, device=T.device)[None, :]
-    unsure = (~(bound <= PAIR_RTOL * D)) & (i != j)
+    rows, cols = tile.rows, tile.cols
+    S = sq[rows, None] + sq[None, cols]
+    D = torch.add(S, T, alpha=-2)
+    unsure = ~(D >= S.mul_(2 * slack / PAIR_RTOL))  # also NaN
+    tile.set_diagonal(unsure, False)
     bi, bj = unsure.nonzero(as_tuple=True)
     if len(bi):
         diff = points[bi + rows.start] - points[bj + cols.start]
         D[bi, bj] = diff.square().sum(-1)
     return D, len(bi)
-
-
-def _upper_weight(rows: slice, cols: slice, device) -> torch.Tensor:
-    """Column weights of a tile on and above the diagonal: 1 inside the diagonal block, 2 beyond."""
-    j = torch.arange(cols.start, cols.stop, device=device)
-    return torch.where(j < rows.stop, 1.0, 2.0).to(torch.float64)
-
-
-def _off_diagonal(rows: slice, cols: slice, device) -> torch.Tensor:
-    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
-    j = torch.arange(cols.start, cols.stop, device=device)[None, :]
-    return i != j
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -222,7 +237,7 @@ def pair_metrics(M: torch.Tensor, class_var: torch.Tensor, W: torch.Tensor | Non
 
 
 def frame_distance(A: torch.Tensor, kind: str, memory: int = DEFAULT_TILE_MEMORY) -> float:
-    """‖AAᵀ/‖AAᵀ‖_F - F‖_F for A (K, d) in tiles; F the "etf" or "of" frame (:func:`frame_tile`)."""
+    """‖AAᵀ/‖AAᵀ‖_F - F‖_F for A (K, d) in tiles; F the "etf" or "of" frame (:func:`frame_entries`)."""
     return _symmetric_pass("gram", A, kind, tile_rows(A.shape[0], memory), False)["gram"]
 
 
@@ -234,76 +249,91 @@ def _symmetric_pass(key, A, kind, b, angles, means_of=None) -> dict:
     Mc, M, class_var, options = means_of or (None, None, None, None)
     g = gram_norm_estimate(A, A, b) if b < K else None
     kinds = ("etf", "of") if kind is None else (kind,)
-    frames = {k: FrameDistance(k, K, g or 1.0) for k in kinds}
     norms = A.norm(dim=-1)
-    weights = Spread()
-    maxangle = 0.0
+    inv_norms = 1.0 / norms
+    angle_acc = _Angles(K)
     means = _MeansPass(K, options, torch.zeros(K, dtype=torch.float64, device=A.device)) if A is Mc else None
+    frames = None
     for i in range(0, K, b):
-        rows, cols = slice(i, min(i + b, K)), slice(i, K)
-        T = A[rows] @ A[cols].mT
-        if g is None:  # one tile holds the whole Gram: its exact norm first
-            g = math.sqrt(float(T.square().sum()))
-            frames = {k: FrameDistance(k, K, g) for k in kinds}
-        w = _upper_weight(rows, cols, A.device)
+        tile = Tile(slice(i, min(i + b, K)), slice(i, K), upper=True)
+        T = A[tile.rows] @ A[tile.cols].mT
+        if frames is None:  # with one tile, the Gram's exact norm
+            frames = {k: FrameDistance(k, K, g or float(torch.linalg.vector_norm(T))) for k in kinds}
         for f in frames.values():
-            f.add(T, rows, cols, w)
+            f.add(T, tile)
         if not angles:
             continue
-        off = _off_diagonal(rows, cols, A.device)
-        cos = T / (norms[rows, None] * norms[None, cols])
-        inside = cols.start + torch.arange(cos.shape[1], device=A.device) < rows.stop
-        weights.add(cos[:, inside][off[:, inside]], 1)
-        weights.add(cos[:, ~inside], 2)
-        maxangle += float(((cos + 1 / (K - 1)).abs() * w * off).sum())
+        cos = T * inv_norms[tile.rows, None]
+        cos.mul_(inv_norms[None, tile.cols])
+        angle_acc.add(cos, tile)
         if means is not None:
-            _add_means_tile(means, T, cos, rows, cols, w, off, Mc, M, norms, class_var)
-    pairs = K * (K - 1)
+            _add_means_tile(means, T, cos, tile, Mc, M, norms, class_var)
     if key == "nc2w":
         return {"nc2w_etf": frames["etf"].value, "nc2w_of": frames["of"].value,
-                "equiangular_weights": weights.std, "maxangle_weights": maxangle / pairs}
+                "equiangular_weights": angle_acc.cosines.std, "maxangle_weights": angle_acc.maxangle}
     out = {key: frames[kind].value}
     if means is not None:
-        out |= _means_results(means, weights, maxangle / pairs)
+        out |= _means_results(means, angle_acc)
     return out
 
 
-def _add_means_tile(acc: _MeansPass, T, cos, rows, cols, w, off, Mc, M, norms, class_var) -> None:
+class _Angles:
+    """Spread of the cosines over k ≠ k' and Σ |cos + 1/(K-1)| (equiangularity, max-angle)."""
+
+    def __init__(self, K: int):
+        self.K, self.cosines, self.maxangle_sum = K, Spread(), 0.0
+
+    def add(self, cos: torch.Tensor, tile: Tile) -> None:
+        inside = cos[:, :tile.inside]
+        off = torch.ones_like(inside, dtype=torch.bool)
+        tile.set_diagonal(off, False)
+        self.cosines.add(inside[off], 1)
+        self.cosines.add(cos[:, tile.inside:], 2)
+        c = 1 / (self.K - 1)
+        shifted = torch.add(cos, c).abs_()
+        self.maxangle_sum += tile.total(shifted) - float(tile.diagonal(shifted).sum())
+
+    @property
+    def maxangle(self) -> float:
+        return self.maxangle_sum / (self.K * (self.K - 1))
+
+
+def _add_means_tile(acc: _MeansPass, T, cos, tile: Tile, Mc, M, norms, class_var) -> None:
     """CDNV and hyperspherical-uniformity sums of one tile of G̃ (module docstring)."""
     d = Mc.shape[1]
-    sq = norms.square()
-    D, n_re = certified_sq_dist(T, sq, norms, M, rows, cols, _gamma(d + 4))
-    var = class_var[rows, None] + class_var[None, cols]
-    terms = torch.where(off, var / (2 * D), 0.0)
-    _add_rows(acc.cdnv_rows, terms, rows, cols)
+    D, n_re = certified_sq_dist(T, norms.square(), M, tile, _gamma(d + 4))
+    terms = class_var[tile.rows, None] + class_var[None, tile.cols]
     q = acc.options.cdnv_exponent
     if q != 2.0:
-        acc.cdnv_q_sum += float((torch.where(off, var / (2 * D.pow(q / 2)), 0.0) * w).sum())
+        gen = torch.div(terms, D.pow(q / 2))
+        tile.set_diagonal(gen, 0.0)
+        acc.cdnv_q_sum += 0.5 * tile.total(gen)
+    terms.div_(D).mul_(0.5)
+    tile.set_diagonal(terms, 0.0)
+    _add_rows(acc.cdnv_rows, terms, tile)
     # unit vectors m̂ = μ̃/‖μ̃‖: ‖m̂_i - m̂_j‖² = 2 - 2 cos_ij, certified like D
-    ones = torch.ones_like(norms)
     unit = Mc / norms[:, None]
-    U2, n_re_u = certified_sq_dist(cos, ones, ones, unit, rows, cols, _gamma(2 * d + 10))
-    U2 = torch.where(off, U2, 1.0)
-    acc.log_energy += float((-0.5 * torch.log(U2) * w * off).sum())
-    acc.riesz_energy += float((U2.pow(-acc.options.riesz_s / 2) * w * off).sum())
+    U2, n_re_u = certified_sq_dist(cos, torch.ones_like(norms), unit, tile, _gamma(2 * d + 10))
+    tile.set_diagonal(U2, 1.0)  # log 1 = 0; 1^(-s/2) = 1 (taken off below)
+    acc.log_energy += -0.5 * tile.total(torch.log(U2))
+    acc.riesz_energy += tile.total(U2.pow_(-acc.options.riesz_s / 2)) - len(tile.diag[0])
     acc.recomputed += n_re + n_re_u
 
 
-def _add_rows(row_sums: torch.Tensor, terms: torch.Tensor, rows: slice, cols: slice) -> None:
+def _add_rows(row_sums: torch.Tensor, terms: torch.Tensor, tile: Tile) -> None:
     """Add a symmetric matrix's upper tile to its row sums: row i gets Σ_j terms_ij, and the
     mirrored block beyond the diagonal block adds its column sums to rows j."""
-    row_sums[rows] += terms.sum(1)
-    beyond = rows.stop - cols.start
-    row_sums[rows.stop:cols.stop] += terms[:, beyond:].sum(0)
+    row_sums[tile.rows] += terms.sum(1)
+    row_sums[tile.rows.stop:tile.cols.stop] += terms[:, tile.inside:].sum(0)
 
 
-def _means_results(acc: _MeansPass, cosines: Spread, maxangle: float) -> dict:
+def _means_results(acc: _MeansPass, angles: _Angles) -> dict:
     K, pairs = acc.K, acc.K * (acc.K - 1)
     out = {"cdnv": float(acc.cdnv_rows.sum()) / pairs, "cdnv_row": acc.cdnv_rows / (K - 1)}
     if acc.options.cdnv_exponent != 2.0:
         out["cdnv_q"] = acc.cdnv_q_sum / pairs
     out |= {"hu_log": acc.log_energy / pairs, "hu_riesz": acc.riesz_energy / pairs,
-            "equiangular_features": cosines.std, "maxangle_features": maxangle,
+            "equiangular_features": angles.cosines.std, "maxangle_features": angles.maxangle,
             "recomputed_pairs": acc.recomputed}
     return out
 
@@ -314,12 +344,12 @@ def _duality_pass(W, Mc, M, b) -> dict:
     frames = {}
     for key, B, kind in (("nc3_duality_etf", Mc, "etf"), ("nc3_duality_of", M, "of")):
         g = gram_norm_estimate(W, B, b) if b < K else None
-        acc = None if g is None else FrameDistance(kind, K, g)
+        acc = None
         for i in range(0, K, b):
-            rows = slice(i, min(i + b, K))
-            T = W[rows] @ B.mT
+            tile = Tile(slice(i, min(i + b, K)), slice(0, K), upper=False)
+            T = W[tile.rows] @ B.mT
             if acc is None:
-                acc = FrameDistance(kind, K, math.sqrt(float(T.square().sum())))
-            acc.add(T, rows, slice(0, K))
+                acc = FrameDistance(kind, K, g or float(torch.linalg.vector_norm(T)))
+            acc.add(T, tile)
         frames[key] = acc.value
     return frames
