@@ -5,15 +5,17 @@
     out_dir/config.toml        experiment name + one [runs.NAME] table per run; re-run it
                                with ``nclab train --config out_dir/config.toml --out DIR``
     out_dir/metrics.csv        run, epoch, split, layer, metric, value (all runs)
-    out_dir/summary.json       experiment, data source, wall time, runs: {NAME: summary}
+    out_dir/summary.json       experiment, data {name, train_size, test_size, image_shape},
+                               data source, wall time, runs: {NAME: summary}
     out_dir/figure.png, .pdf   the paper's layout (nclab.nets.plots), runs side by side;
                                figure-column.png/.pdf the same at column width; caption.md
     out_dir/NAME/              each run's own config.toml, metrics.csv, summary.json and
                                checkpoint.pt (the figure is the combined one above)
 
 Runs: fig5 = ``mse_nobias`` (MSE, no classifier bias) and ``ce_bias`` (cross-entropy,
-bias); fig10 = ``mse_nobias``. Hyper-parameters follow docs/theory.md §5 (SGD momentum 0.9,
-batch 128, lr divided by 10 every 40 epochs, weight decay 5e-4). The MSE runs use the UFM
+bias); fig10 = ``mse_nobias``. Hyper-parameters follow docs/theory.md §5 and are written once,
+in :data:`nclab.settings.PAPER` (TrainSettings' defaults): SGD momentum 0.9, batch 128, lr
+0.05 divided by 10 every 40 epochs, weight decay 5e-4, 200 epochs. The MSE runs use the UFM
 scaling 1/(2N)‖F - Y‖² with lr 0.01 and weight decay 2.5e-3: exactly torch.nn.MSELoss
 with lr 0.05 and weight decay 5e-4 (K = 10; step × 2/K, decay × K/2, see
 :mod:`nclab.nets.losses`), i.e. the UFM regularisation λ = K·wd/2 = 2.5e-3.
@@ -24,23 +26,33 @@ class, 1x32x32; for fig10 a stand-in for CIFAR-10, and said so); with ``data`` (
 folder layout) MNIST for fig5 and CIFAR-10 for fig10.
 
 Scale: the **CPU default** (:data:`CPU_SCALE`) is sized to finish fig5 (both runs) within 10
-minutes on 2 CPU cores and still show the paper's claims: a ResNet18 of width 1/4 (16..128
-channels) with the ImageNet stem (7x7 stride 2 and max-pool: the 32x32 input becomes 8x8
-before stage 1, about 6x cheaper than the 3x3 stem at 32x32, which at width 1/8 already
-took ~6 s per epoch of 4000 images on 2 cores), 60 epochs with the lr divided by 10 every
-20 (the paper's 200/40 compressed: the same three lr levels, 0.05 → 0.005 → 0.0005 in the
-torch scaling, the last 20 epochs the terminal phase at the smallest lr), the metric pass
-every 5 epochs on 100 training images per class (a quarter of them; under
-:data:`nclab.nets.measure.MEASURE_BUDGET` of an epoch) and every held-out image, and 2 CPU
-threads (one run at a time uses both cores). With ``data`` the CPU scale trains on
-:data:`CPU_PER_CLASS` = 400 images per class of the training set (as many as the sample),
-measured against the whole test set's subsample. ``full=True`` (``--full``) is the paper's
-scale: :class:`nclab.nets.settings.TrainSettings`' defaults (full-width ResNet18 with the 3x3
-stem, 200 epochs, lr step 40) on the whole training set (``data``) or on the sample; see
-:func:`gpu_estimate` for its expected time on a GPU. ``quick=True`` is a smoke run of the
-CPU scale (:data:`QUICK_SCALE`: 4 epochs on 20 images per class). An ``out_dir`` that
-already holds results is an error unless ``resume=True`` (continue every run from its
-checkpoint; the settings must match) or ``force=True`` (overwrite).
+minutes on 2 idle CPU cores and still show the paper's claims (training error reaching zero,
+NC metrics falling through the terminal phase, NC1 decreasing with depth for both losses):
+
+* a ResNet18 of width 1/4 (16..128 channels) with the ImageNet stem (7x7 conv stride 2 and
+  max-pool: the 32x32 input is 8x8 before stage 1). Measured on 2 cores, one epoch of 4000
+  images at batch 128 takes 1.4 s with 1 thread (1.0 s with 2); the 3x3 stem at 32x32 takes
+  7.8 s at width 1/8 and 14 s at width 1/4, too slow for a CPU default;
+* 90 epochs, the lr divided by 10 every 30: the paper's schedule (200 epochs, step 40)
+  compressed to the same three lr levels (0.05, 0.005, 0.0005 in torch's scaling), the last
+  30 epochs the terminal phase at the smallest lr. With 60 epochs (step 20) the MSE run
+  ended at 99.9% training accuracy, not 100%; with 90 both runs reach 100%;
+* the metric pass every 5 epochs on 100 training images per class (a quarter of them; the
+  pass stays under :data:`nclab.nets.measure.MEASURE_BUDGET` of an epoch) and on every
+  held-out image;
+* 1 CPU thread: 2 threads are ~1.4x faster on idle cores, but when other processes share
+  them OpenMP's spin-waiting makes them several times slower (:mod:`nclab.threads`).
+
+Measured: 4 min 34 s for fig5 (both runs, with the figure) on 2 cores that other processes
+kept at a load average of 3-5 (docs/networks.md §5). With ``data`` the CPU
+scale trains on :data:`CPU_PER_CLASS` = 400 images per class of the training set (as many as
+the sample). ``full=True`` (``--full``) is the paper's scale:
+:class:`nclab.nets.settings.TrainSettings`' defaults (full-width ResNet18 with the 3x3 stem,
+200 epochs, lr step 40) on the whole training set (``data``) or on the sample; see
+:func:`gpu_estimate` for its expected time on a GPU. ``quick=True`` is a smoke run of the CPU
+scale (:data:`QUICK_SCALE`: 4 epochs on 20 images per class). An ``out_dir`` that already
+holds results is an error unless ``resume=True`` (continue every run from its checkpoint;
+the settings must match) or ``force=True`` (overwrite).
 
 Metrics at every metric pass: the collapse metrics of every level (stem, layer1..3,
 penultimate) on the training subsample (as the paper) and on the held-out data, the
