@@ -147,3 +147,15 @@ def test_ufm_commands_never_import_the_network_code(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_full_applies_to_network_experiments_and_states_the_gpu_estimate():
+    from nclab.experiments import registry
+
+    opts = registry.Options(full=True, data="/d")
+    (fig5,) = registry.select(["fig5"], opts, {"full": True, "data": True})
+    notice = fig5.notice(fig5.settings(opts), opts)
+    assert "--full" in notice and "H100" in notice and "assumed" in notice and "60,000 images" in notice
+    assert fig5.notice(fig5.settings(registry.Options()), registry.Options()) is None
+    with pytest.raises(ValueError, match="--full: applies only to fig5, fig10"):
+        registry.select(["ufm"], opts, {"full": True})

@@ -102,7 +102,7 @@ def test_train_command(tmp_path, capsys):
             "--measure-per-class", "5", "--loss", "ce", "--bias", "--threads", "1", "--quiet"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "penultimate" in text and "accuracy" in text
+    assert "penultimate" in text and "accuracy" in text and "held-out" in text and "ncc_accuracy" in text
     assert (out / "figure.png").is_file() and (out / "config.toml").is_file()
     assert main(args) == 2  # never overwrites
     assert "--resume" in capsys.readouterr().err

@@ -77,10 +77,12 @@ def _print_final(summary: dict) -> None:
         net = levels.get("network", {})
         if "accuracy" not in net:
             continue
-        print(f"  {split} (measured subsample, eval mode): accuracy {net['accuracy']:.4f}, "
+        name = "held-out" if split == "test" else "train (measured subsample)"
+        print(f"  {name}, eval mode: accuracy {net['accuracy']:.4f}, "
               f"objective {net.get('objective', float('nan')):.4g}")
         for level, m in levels.items():
             if level != "network":
                 key = f"nc3_{frame}"
+                ncc = f"  ncc_accuracy {m['ncc_accuracy']:.4f}" if "ncc_accuracy" in m else ""
                 extra = f"  {key} {m[key]:.3e}  nc4 {m['nc4']:.3f}" if key in m else ""
-                print(f"    {level:<12} nc1 {m['nc1']:.3e}  nc2_etf {m['nc2_etf']:.3e}{extra}")
+                print(f"    {level:<12} nc1 {m['nc1']:.3e}  nc2_etf {m['nc2_etf']:.3e}{ncc}{extra}")

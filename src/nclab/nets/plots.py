@@ -95,15 +95,26 @@ def _accuracy_panel(ax, rows) -> None:
              ("test", "network", "accuracy", "--", "tab:blue", "held-out"),
              ("train", PEN, "ncc_accuracy", "-", "tab:orange", "NCC train"),
              ("test", PEN, "ncc_accuracy", "--", "tab:orange", "NCC held-out")]
+    lowest = 1.0
     for split, layer, metric, style, colour, label in specs:
         x, y = finite(*series(rows, split, layer, metric))
         if x:
             ax.plot(x, y, style, color=colour, label=label, marker="." if len(x) < 30 else None, ms=3)
-    ax.set_ylim(0, 1.05)
+            lowest = min(lowest, *y)
+    ax.set_ylim(accuracy_floor(lowest), 1.0 + (1.0 - accuracy_floor(lowest)) * 0.03)
     ax.set_ylabel("accuracy")
     _epoch_axis(ax)
     if ax.lines:
         _legend(ax, loc="lower right")
+
+
+def accuracy_floor(lowest: float) -> float:
+    """The bottom of the accuracy axis: the multiple of 0.1 at or below lowest - (1 - lowest) - 0.02
+    (at least 0), so that the curves (near 1 late in training) fill the upper half and stay apart,
+    and the legend has the lower half."""
+    if not math.isfinite(lowest):
+        return 0.0
+    return max(0.0, math.floor((2 * lowest - 1.02) * 10) / 10)
 
 
 def _depth_panel(ax, rows) -> None:
@@ -120,12 +131,16 @@ def _depth_panel(ax, rows) -> None:
         if x:
             ax.plot(x, y, style, color=colour, marker="o", ms=3, label=label)
     ax.set_yscale("log")
+    plotted = [v for line in ax.lines for v in line.get_ydata()]
+    if plotted and max(plotted) > min(plotted):  # room below the lowest point for the legend
+        lo, hi = min(plotted), max(plotted)
+        ax.set_ylim(lo / (hi / lo) ** 0.6, hi * (hi / lo) ** 0.08)
     ax.set_xticks(range(len(lv)), [short_level(level) for level in lv], rotation=90)
     ax.set_xlim(-0.4, len(lv) - 0.6)
     ax.set_xlabel("level (network order)")
     ax.set_ylabel("NC1")
     if ax.lines:
-        _legend(ax)
+        _legend(ax, loc="lower left")  # NC1 falls with depth: the lower left stays free
 
 
 def _legend(ax, loc: str = "best") -> None:
