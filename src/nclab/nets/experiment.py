@@ -72,6 +72,7 @@ import os
 import time
 
 from nclab.io import read_toml, toml_text
+from nclab.nets.data import MNIST5K_PER_CLASS, MNIST5K_TEST_PER_CLASS
 from nclab.nets.measure import MEASURE_BUDGET, METRIC_COLUMNS, read_metrics_csv
 from nclab.nets.settings import CLASSES, TrainSettings, nc3_frame
 from nclab.nets.training import run_folder, settings_record, train
@@ -91,7 +92,8 @@ FULL_SCALE = dict(eval_every=5, measure_per_class=100)
 #: the built-in data set of both figures without --data (for fig10 a stand-in for CIFAR-10)
 BUILT_IN_DATASET = "mnist5k"
 #: training images of each data set (for the time estimate of --full, before loading anything)
-TRAIN_SIZE = {"mnist5k": 4000, "digits": 1437, "mnist": 60000, "cifar10": 50000}
+TRAIN_SIZE = {"mnist5k": CLASSES * (MNIST5K_PER_CLASS - MNIST5K_TEST_PER_CLASS), "digits": 1437, "mnist": 60000,
+              "cifar10": 50000}
 #: assumed training throughput of the full-width ResNet18 (3x3 stem, 32x32 images, batch 128, bf16,
 #: channels_last, data on the GPU) on one H100-class GPU, images/s: an assumption, not a measurement
 #: (about 1.7 GFLOP per image per SGD step, forward and backward, at ~17 TFLOP/s sustained); measure
