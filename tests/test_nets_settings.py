@@ -91,3 +91,10 @@ def test_nets_train_is_the_function_whatever_was_imported_first():
     import nclab.nets.training  # noqa: F401  (the module that defines it)
 
     assert callable(nclab.nets.train) and nclab.nets.train is nclab.nets.training.train
+
+
+def test_compile_is_off_by_default_and_may_change_on_resume():
+    s = TrainSettings()
+    assert s.compile is False and TrainSettings.from_dict(s.replace(compile=True).to_dict()).compile is True
+    assert s.replace(compile=True, threads=1).differences(s) == []  # how it runs, not what it computes
+    assert s.replace(dataset="mnist5k").differences(s) == ["dataset"]
