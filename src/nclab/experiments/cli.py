@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--full", action="store_true",
                    help="fig5 / fig10 at the paper's scale (full-width ResNet18, 200 epochs; the whole --data set, "
                    "else the MNIST sample), made for a GPU; prints its expected GPU time first (default: a "
-                   "CPU-sized run, about 10 minutes for fig5 on 2 cores)")
+                   "CPU-sized run, about 5 minutes for fig5 on 2 cores)")
     _add_folder_options(p)
     p.set_defaults(func=_cmd_reproduce)
 

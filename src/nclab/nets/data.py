@@ -111,7 +111,9 @@ def balanced_subset(y: torch.Tensor, per_class: int, seed: int = 0) -> torch.Ten
     for k in range(K):
         idx = perm[y[perm] == k]
         if len(idx) < per_class:
-            raise DataError(f"per_class: class {k} has only {len(idx)} samples, fewer than {per_class}")
+            raise DataError(f"per_class: class {k} has only {len(idx)} samples, fewer than {per_class}; ask for "
+                            "fewer per class (nclab train --per-class) or a larger data set (nclab reproduce without "
+                            "--full takes a fixed number per class of --data's training set: docs/networks.md §3)")
         picks.append(idx[:per_class])
     return torch.cat(picks)
 

@@ -43,8 +43,8 @@ NC metrics falling through the terminal phase, NC1 decreasing with depth for bot
 * 1 CPU thread: 2 threads are ~1.4x faster on idle cores, but when other processes share
   them OpenMP's spin-waiting makes them several times slower (:mod:`nclab.threads`).
 
-Measured: 4 min 34 s for fig5 (both runs, with the figure) on 2 cores that other processes
-kept at a load average of 3-5 (docs/networks.md §5). With ``data`` the CPU
+Measured: 4 min 28 s for fig5 (both runs, with the figure) on 2 otherwise idle cores, 4 min 34 s
+while other processes kept them at a load average of 3-5 (docs/networks.md §5). With ``data`` the CPU
 scale trains on :data:`CPU_PER_CLASS` = 400 images per class of the training set (as many as
 the sample). ``full=True`` (``--full``) is the paper's scale:
 :class:`nclab.nets.settings.TrainSettings`' defaults (full-width ResNet18 with the 3x3 stem,
