@@ -79,7 +79,8 @@ def test_experiment_configs():
     default = experiment_configs("fig5")["mse_nobias"]
     assert default.dataset == "mnist5k" and default.data is None and default.width < 1 and default.per_class is None
     assert (default.lr_step, default.lr_gamma, default.batch_size, default.momentum) == (
-        CPU_SCALE["lr_step"], PAPER["net_lr_gamma"], PAPER["net_batch_size"], PAPER["net_momentum"])
+        PAPER["net_lr_step"], PAPER["net_lr_gamma"], PAPER["net_batch_size"], PAPER["net_momentum"])
+    assert default.epochs == CPU_SCALE["epochs"] < PAPER["net_epochs"]
     cpu = experiment_configs("fig10", data="/some/where")["mse_nobias"]  # --data alone: the CPU scale
     assert cpu.dataset == "cifar10" and cpu.width == default.width and cpu.per_class == CPU_PER_CLASS
     real = experiment_configs("fig10", data="/some/where", full=True)["mse_nobias"]  # --full: the paper's
