@@ -1,9 +1,11 @@
 """Collapse in real networks: ResNet18/MLP, image data, training with layer-wise metrics.
 
 * :mod:`nclab.nets.models`: ``resnet18`` (small / imagenet stem, width, bias), ``MLP``.
-* :mod:`nclab.nets.data`: ``load_data`` (digits offline; MNIST, CIFAR-10 from ``--data DIR``).
+* :mod:`nclab.nets.data`: ``load_data`` (offline: the real 5,000-image MNIST sample ``mnist5k`` and
+  scikit-learn's ``digits``; MNIST, CIFAR-10 from ``--data DIR``).
 * :mod:`nclab.nets.probe`: ``record_features`` (forward hooks on any nn.Module) and
-  ``measure_layers`` (all levels' metrics in one streaming pass).
+  ``measure_layers`` (all levels' metrics in one streaming pass), both built on
+  :class:`nclab.CollapseMonitor` (:mod:`nclab.monitor`).
 * :mod:`nclab.nets.settings`: ``TrainSettings`` (frozen, checked settings of a run).
 * :mod:`nclab.nets.training`: ``train`` (MSE/CE, SGD, checkpoint/resume, torch.distributed),
   built from :mod:`~nclab.nets.loop` (the training loop), :mod:`~nclab.nets.measure` (the
