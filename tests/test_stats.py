@@ -142,7 +142,8 @@ def test_all_reduce_two_processes_gloo(K, d, n):
         for got, want in zip(stats, (one_shot.counts, one_shot.means, one_shot.m2, one_shot.scatter)):
             want = want.numpy()
             assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
-    assert results[0][:2] == results[1][:2]
+    (m0, v0, _), (m1, v1, _) = results[0], results[1]
+    assert v0 == v1 and m0 == pytest.approx(m1, rel=1e-12)  # GEMMs may round by the buffers' alignment
 
 
 # ----------------------------------------------------------------- extreme inputs
