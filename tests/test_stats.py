@@ -142,8 +142,9 @@ def test_all_reduce_two_processes_gloo(K, d, n):
         for got, want in zip(stats, (one_shot.counts, one_shot.means, one_shot.m2, one_shot.scatter)):
             want = want.numpy()
             assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
-    (m0, v0, _), (m1, v1, _) = results[0], results[1]
-    assert v0 == v1 and m0 == pytest.approx(m1, rel=1e-12)  # GEMMs may round by the buffers' alignment
+    (m0, v0, s0), (m1, v1, s1) = results[0], results[1]
+    assert all(np.array_equal(a, b) for a, b in zip(s0, s1))  # bitwise: rank 0's merge is broadcast
+    assert v0 == v1 and m0 == pytest.approx(m1, rel=1e-12)  # metrics: GEMMs may round by buffer alignment
 
 
 # ----------------------------------------------------------------- extreme inputs

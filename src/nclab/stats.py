@@ -134,8 +134,10 @@ class ClassStats:
     def all_reduce(self, group=None) -> "ClassStats":
         """Combine the statistics of every process of ``torch.distributed`` in place.
 
-        Gathers each rank's (counts, means, m2, scatter) and merges them in rank order,
-        so every rank ends with identical, exactly merged statistics.
+        Gathers each rank's (counts, means, m2, scatter) and merges them in rank order;
+        the merge of the group's first rank is then broadcast, so every rank ends with
+        bitwise identical, exactly merged statistics (BLAS may round a product differently
+        with the alignment of its buffers, so merging alone can differ in the last bit).
         """
         import torch.distributed as dist
 
@@ -152,7 +154,11 @@ class ClassStats:
             c, m, s = g[:K], g[K:K + K * d].view(K, d), g[K + K * d:2 * K + K * d]
             sc = g[2 * K + K * d:].view(d, d) if self.full else None
             result._merge(c, m, s, sc)
-        self.counts, self.means, self.m2, self.scatter = result.counts, result.means, result.m2, result.scatter
+        merged = torch.cat([result.counts, result.means.flatten(), result.m2]
+                           + ([result.scatter.flatten()] if self.full else []))
+        dist.broadcast(merged, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        self.counts, self.means, self.m2 = merged[:K], merged[K:K + K * d].view(K, d), merged[K + K * d:2 * K + K * d]
+        self.scatter = merged[2 * K + K * d:].view(d, d) if self.full else None
         return self
 
     # ------------------------------------------------------------------ read out
