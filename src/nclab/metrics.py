@@ -23,15 +23,20 @@ nc3_duality_of     ‖W Mᵀ/‖W Mᵀ‖_F - O_K‖_F
 nc4                fraction of samples with argmin_k ‖h-μ_k‖ ≠ argmax_k (W h + b)_k
 =================  ====================================================================
 
+Further metrics (also in the default output; docs/metrics.md §2.1), m̂_k = μ̃_k/‖μ̃_k‖:
+``equinorm_*`` std/mean of ‖μ̃_k‖ (features) or ‖w_k‖ (weights); ``equiangular_*`` std over
+k≠k' of the cosines; ``maxangle_*`` mean over k≠k' of |cos + 1/(K-1)|; ``hu_log`` mean over
+k≠k' of -log‖m̂_k - m̂_k'‖; ``hu_riesz`` mean of ‖m̂_k - m̂_k'‖^(-s); ``uniform_duality``
+std_k/mean_k of cos(w_k, μ̃_k); ``cdnv_q<q>`` the CDNV with ‖μ_k - μ_k'‖^q (q != 2).
+Every K x K quantity is computed in tiles (:mod:`nclab.tiles`).
+
 (M, M̃ are K x d here: row k is μ_k or μ_k - μ_G; the math of docs/metrics.md writes their
 transposes.) E_K, O_K: :func:`nclab.frames.simplex_etf`, :func:`nclab.frames.orthogonal_frame`.
 
 Presets of other papers' conventions (``measure(..., preset=...)``):
 
 * ``"papyan2020"`` (Papyan, Han & Donoho 2020): ``nc1`` = Tr(Σ_W Σ_B⁺) (no 1/K);
-  ``equinorm_features`` / ``equinorm_weights`` = std/mean of ‖μ_k - μ_G‖ / ‖w_k‖;
-  ``equiangular_features`` / ``equiangular_weights`` = std over k≠k' of the cosines;
-  ``maxangle_features`` / ``maxangle_weights`` = mean over k≠k' of |cos + 1/(K-1)|;
+  the equinorm, equiangular and maxangle values of features and weights (as above);
   ``nc3`` = ‖W/‖W‖_F - M̃/‖M̃‖_F‖_F² (squared); ``nc4`` as above.
 * ``"zhu2021"`` (Zhu et al. 2021): ``nc1`` as default; ``nc2_features`` = nc2_etf;
   ``nc2_weights`` = nc2w_etf; ``nc3`` = nc3_duality_etf; ``nc4``.
