@@ -8,7 +8,9 @@ import torch
 import nclab
 from nclab import ClassStats, NC4Counter, collapsed_configuration, measure
 from nclab import metrics as M
-from nclab.tiles import FrameDistance, PairOptions, Spread, Tile, certified_sq_dist, pair_metrics, tile_rows
+from nclab.tiles import (
+    FrameDistance, PairOptions, Spread, Tile, certified_sq_dist, mean_differences, pair_metrics, tile_rows,
+)
 
 
 def _clusters(K, d, n, seed=0, spread=3.0, offset=0.0):
@@ -49,7 +51,8 @@ def test_certified_distances_recompute_what_the_gram_cannot_certify():
     P = torch.tensor([[1e3, 0.0], [1e3, 1e-9], [0.0, 1e3]], dtype=torch.float64)
     T = P @ P.T
     sq = P.square().sum(1)
-    D, recomputed = certified_sq_dist(T, sq, P, Tile(slice(0, 3), slice(0, 3), upper=False), 4 * 2.0**-53)
+    D, recomputed = certified_sq_dist(T, sq, Tile(slice(0, 3), slice(0, 3), upper=False), 4 * 2.0**-53,
+                                      mean_differences(P))
     assert recomputed == 2  # (0, 1) and (1, 0); the far pairs are certified
     assert float(D[0, 1]) == pytest.approx(1e-18, rel=1e-12)
     assert float(D[0, 2]) == pytest.approx(2e6, rel=1e-15)
@@ -244,3 +247,52 @@ def test_existing_results_unchanged(K, d):
         tiled = M.summary_metrics_t(means, counts, var, None, Wt, extras=PairOptions(memory=memory))
         for k, v in whole.items():
             assert float(tiled[k]) == pytest.approx(float(v), rel=1e-12, abs=1e-300), (memory, k)
+
+
+def test_energies_of_nearly_parallel_means_are_exact():
+    """Two centred means 1e-9 apart in angle: 2 - 2cos from the Gram would keep no digit of their
+    squared distance (6e-19); recomputed from m̂_i - m̂_j it keeps about u/6e-19 ~ 1e-7 relative
+    of it (the direction's own conditioning), and hu_log, hu_riesz match 50-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    rng = np.random.default_rng(11)
+    Mm = rng.standard_normal((6, 4))
+    Mm[5] = Mm[4] * 1.7 + 1e-9 * rng.standard_normal(4)
+    Mm[0] = -Mm[1:].sum(0)  # mean 0: the centred means 4 and 5 stay nearly parallel
+    Mt = torch.tensor(Mm)
+    got = pair_metrics(Mt, torch.ones(6, dtype=torch.float64), options=PairOptions(riesz_s=1.0))
+    rows = [[mpmath.mpf(float(v)) for v in r] for r in Mm]
+    mean = [sum(r[c] for r in rows) / 6 for c in range(4)]
+    unit = []
+    for r in rows:
+        c = [r[k] - mean[k] for k in range(4)]
+        n = mpmath.sqrt(sum(v * v for v in c))
+        unit.append([v / n for v in c])
+    dist = [mpmath.sqrt(sum((unit[i][k] - unit[j][k]) ** 2 for k in range(4)))
+            for i in range(6) for j in range(6) if i != j]
+    assert got["hu_log"] == pytest.approx(float(sum(-mpmath.log(x) for x in dist) / 30), rel=1e-10)
+    assert got["hu_riesz"] == pytest.approx(float(sum(1 / x for x in dist) / 30), rel=1e-7)
+    assert got["recomputed_pairs"] >= 2
+
+
+def test_an_undefined_further_metric_is_left_out_not_fatal():
+    """A class mean at the global mean (its direction undefined) or a zero weight row: the
+    angles that need them are left out; every default metric is still there."""
+    centres = np.array([[2.0, 0.0], [0.0, 0.0], [-2.0, 0.0]])
+    offsets = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    H = np.concatenate([c + offsets for c in centres])
+    y = np.repeat(np.arange(3), 4)
+    r = measure(H, y)
+    assert r["nc1"] == pytest.approx(0.0625) and "hu_log" not in r and "equiangular_features" not in r
+    W = np.array([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    r = measure(H + np.array([0.0, 0.5]) * (y == 1)[:, None], y, W)
+    assert "equiangular_weights" not in r and "nc2w_etf" in r
+    stats = ClassStats(3, 2).update(H, y)
+    assert stats.metrics()["nc1"] == pytest.approx(0.0625)
+
+
+def test_class_stats_made_under_inference_mode_update_outside_it():
+    with torch.inference_mode():
+        s = ClassStats(3, 2).update(np.eye(3, 2), [0, 1, 2])
+    s.update(np.eye(3, 2), [0, 1, 2])
+    assert float(s.counts.sum()) == 6

@@ -445,6 +445,32 @@ def summary_metrics_t(M, counts, class_var, nc1=None, W=None, extras: PairOption
     return ordered
 
 
+#: the default keys that need the classifier weights
+WEIGHT_KEYS = ("nc2w_etf", "nc2w_of", "nc3_etf", "nc3_of", "nc3_duality_etf", "nc3_duality_of")
+
+
+def metric_keys(nc1: bool = True, weights: bool = False) -> tuple[str, ...]:
+    """The keys of ``ClassStats.metrics`` (and of ``measure`` without nc4): the default ones
+    (with nc1, with the weights' ones) and the further ones that need no option."""
+    keep = [k for k in ORDER if (nc1 or k != "nc1") and (weights or k not in WEIGHT_KEYS)]
+    return (*keep, *(k for k in EXTRAS if weights or not (k.endswith("_weights") or k == "uniform_duality")))
+
+
+def finite_values(raw: dict) -> dict[str, float]:
+    """``raw`` as Python floats. An undefined default metric raises :class:`DegenerateError`
+    (:func:`finite_value`); an undefined further metric (EXTRAS, cdnv_q: e.g. the angles of a
+    zero weight row, or a class mean at the global mean) is left out, so the rest survive."""
+    out = {}
+    for key, value in raw.items():
+        if key in EXTRAS or key.startswith("cdnv_q"):
+            value = float(value)
+            if math.isfinite(value):
+                out[key] = value
+        else:
+            out[key] = finite_value(key, value)
+    return out
+
+
 def cdnv_q_key(q: float) -> str:
     """Result key of the generalised CDNV with distance exponent q, e.g. cdnv_q1 or cdnv_q0.5."""
     return f"cdnv_q{q:g}"
@@ -633,7 +659,7 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         riesz_s: s of the Riesz energy hu_riesz; classes: measure only these classes (a
         list of labels, relabelled in that order), or an int M for the M most frequent;
         nc4_rows: count NC4 on a seeded uniform sample of this many rows (reported as
-        nc4_rows); tile_memory: bytes of working memory for the K x K quantities.
+        nc4_rows when that is fewer than N; all rows otherwise); tile_memory: bytes of working memory for the K x K quantities.
     Returns:
         A flat dict of Python floats. Without a preset: nc1, nc1_trace, cdnv, nc2_etf,
         nc2_of and, with weights, nc2w_etf, nc2w_of, nc3_etf, nc3_of, nc3_duality_etf,
@@ -667,9 +693,9 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
         raw = _papyan2020(raw, K)
     elif preset == "zhu2021":
         keep = {"nc1": "nc1", "nc2_etf": "nc2_features", "nc2w_etf": "nc2_weights",
-                "nc3_duality_etf": "nc3", "nc4": "nc4"}
+                "nc3_duality_etf": "nc3", "nc4": "nc4", "nc4_rows": "nc4_rows"}
         raw = {new: raw[old] for old, new in keep.items() if old in raw}
-    return {k: finite_value(k, v) for k, v in raw.items()}
+    return finite_values(raw)
 
 
 def nc4_sample_t(H, M, W, b) -> torch.Tensor:
@@ -695,7 +721,11 @@ def unscale_cdnv_q(raw: dict, options: PairOptions, e: int) -> None:
     """cdnv_q of features scaled by 2^-e back to their scale: × 2^(e(2 - q)) (the only metric with units)."""
     key = cdnv_q_key(options.cdnv_exponent)
     if key in raw and e:
-        raw[key] = raw[key] * 2.0 ** (e * (2 - options.cdnv_exponent))
+        log2 = math.log2(raw[key]) + e * (2 - options.cdnv_exponent) if raw[key] > 0 else -math.inf
+        if log2 >= 1024:
+            raise ValueError(f"cdnv_exponent: {key} of features this large (about 2^{e}) exceeds float64 "
+                             f"(2^{log2:.0f}); scale the features down, or use q = 2 (scale-free)")
+        raw[key] = raw[key] * 2.0 ** (e * (2 - options.cdnv_exponent)) if log2 > -1074 else 0.0
 
 
 def check_count(n, name: str) -> int | None:
@@ -751,12 +781,12 @@ def _papyan2020(raw, K):
             out[f"{kind}_{name}"] = raw[f"{kind}_{name}"]
     out["nc3"] = raw["nc3_etf"] ** 2
     out["nc4"] = raw["nc4"]
-    return out
+    return out | ({"nc4_rows": raw["nc4_rows"]} if "nc4_rows" in raw else {})
 
 
 @torch.inference_mode()
 def per_class(features, labels, weights=None, bias=None, num_classes: int | None = None, rtol: float = RTOL,
-              *, tile_memory: int = DEFAULT_TILE_MEMORY) -> dict:
+              *, classes=None, tile_memory: int = DEFAULT_TILE_MEMORY) -> dict:
     """Each class's part of the collapse metrics, as numpy arrays of shape (K,).
 
     Returns:
@@ -765,10 +795,11 @@ def per_class(features, labels, weights=None, bias=None, num_classes: int | None
         (λ_j, u_j) of M̃ᵀM̃; cdnv_row, the mean over k' ≠ k of (σ_k² + σ_k'²)/(2‖μ_k - μ_k'‖²)
         (their mean is cdnv); mean_norm ‖μ_k - μ_G‖; and with weights: weight_norm ‖w_k‖,
         duality cos(w_k, μ_k - μ_G), nc4_error, the fraction of class k's samples whose
-        nearest class mean ≠ argmax(W h + b).
+        nearest class mean ≠ argmax(W h + b). nc1_share is NaN when NC1 = 0. ``classes``:
+        as in :func:`measure` (the arrays then follow the subset's order).
     """
     options = pair_options(tile_memory=tile_memory)
-    H, y, K, W, b = _prepare_all(features, labels, weights, bias, num_classes, None, options.memory)
+    H, y, K, W, b = _prepare_all(features, labels, weights, bias, num_classes, classes, options.memory)
     rtol = check_rtol(rtol)
     weight_norm = None if W is None else W.to(torch.float64).norm(dim=-1)
     H, W, b, e = rescaled(H, W, b, with_exponent=True)

@@ -28,7 +28,7 @@ from nclab._validate import (
     _INT_DTYPES, all_finite, as_float64, as_real, check_classifier, check_fits, check_rtol, max_abs, to_tensor,
 )
 from nclab.metrics import (
-    RTOL, _float64_chunks, between_class_basis_t, centre, check_memory, class_subset, finite_value, nc1_t,
+    RTOL, _float64_chunks, between_class_basis_t, centre, check_memory, class_subset, finite_values, nc1_t,
     nc4_rows_t, pair_options, power_of_two_exponent, scaled_bias, summary_metrics_t, times_power_of_two,
     unscale_cdnv_q,
 )
@@ -93,6 +93,8 @@ class ClassStats:
         y = y.long()
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels: values must lie in 0..{self.num_classes - 1}")
+        if self.counts.is_inference() and not torch.is_inference_mode_enabled():
+            self._own_tensors()  # made under torch.inference_mode: in-place updates need normal tensors
         present, local = torch.unique(y, return_inverse=True)  # the batch's classes, relabelled 0..u-1
         u = len(present)
         counts = torch.bincount(local, minlength=u).to(H.dtype)
@@ -113,6 +115,10 @@ class ClassStats:
             raise ValueError("other: has no scatter (full=False); cannot merge into full=True")
         self._merge(other.counts, other.means, other.m2, scatter)
         return self
+
+    def _own_tensors(self) -> None:
+        self.counts, self.means, self.m2 = self.counts.clone(), self.means.clone(), self.m2.clone()
+        self.scatter = None if self.scatter is None else self.scatter.clone()
 
     def _merge(self, counts, means, m2, scatter, rows=None):
         """Chan et al.'s update (module docstring) of the classes ``rows`` (all when None)."""
@@ -191,7 +197,7 @@ class ClassStats:
             nc1 = nc1_t(((Sigma_W @ U) * U).sum(0), inv_lam)  # Σ_j u_jᵀΣ_W u_j / λ_j
         raw = summary_metrics_t(M, self.counts, class_var, nc1, W, extras=options)
         unscale_cdnv_q(raw, options, e)
-        return {k: finite_value(k, v) for k, v in raw.items()}
+        return finite_values(raw)
 
     def per_class(self, weights=None, *, tile_memory: int = DEFAULT_TILE_MEMORY) -> dict:
         """Each class's part of the metrics, numpy arrays (K,): count, variance σ_k²,

@@ -22,8 +22,12 @@ Exactness (docs/metrics.md, "Exact at any K"):
   (the d-term dot products, the centring and the two additions; Higham, Accuracy and
   Stability, §3.1). A pair whose bound exceeds 2⁻⁴⁰ D_ij (about 9e-13 relative) is
   recomputed from the difference of its uncentred means, so every squared distance, and
-  hence every pairwise mean, is exact to 2⁻⁴⁰ relative. The normalised means m̂_i = μ̃_i/r_i
-  get the same treatment (bound 4(2d + 10)u: the cosines' rounding and ‖m̂_i‖² ≠ 1).
+  hence every CDNV term and their mean, is exact to 2⁻⁴⁰ relative. The distances of the
+  normalised means m̂_i = μ̃_i/r_i (hyperspherical energies) get the same test (bound
+  4(2d + 10)u: the cosines' rounding and ‖m̂_i‖² ≠ 1), and uncertified pairs are recomputed
+  from m̂_i - m̂_j: accurate to rounding relative to 1, i.e. about u/‖m̂_i - m̂_j‖² relative, the
+  conditioning of a direction known only up to the rounding of the centring (2 - 2cos from
+  the Gram would lose another factor d, or all digits).
 * The spread of the cosines (equiangularity) is merged tile by tile with Chan et al.'s
   update of (count, mean, sum of squared deviations), never as E[c²] - E[c]².
 """
@@ -79,9 +83,9 @@ class Tile:
         return float(X[:, :self.inside].sum()) + 2 * float(X[:, self.inside:].sum())
 
     def total_sq(self, X: torch.Tensor) -> float:
-        """Σ weight · X² over the tile, without a squared copy."""
-        return (float(torch.linalg.vector_norm(X[:, :self.inside])) ** 2
-                + 2 * float(torch.linalg.vector_norm(X[:, self.inside:])) ** 2)
+        """Σ weight · X² over the tile (a plain sum of squares: vector_norm's square loses
+        about 1e-12 relative on the CPU, too much for a frame distance near 0)."""
+        return self.total(X.square())
 
     def diagonal(self, X: torch.Tensor) -> torch.Tensor:
         """The entries (i, i) of X within the tile (a view-indexed copy)."""
@@ -161,14 +165,14 @@ class Spread:
 
 
 # ----------------------------------------------------------------------------- pairwise distances
-def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, points: torch.Tensor, tile: Tile,
-                      slack: float) -> tuple[torch.Tensor, int]:
+def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, tile: Tile, slack: float,
+                      exact) -> tuple[torch.Tensor, int]:
     """Squared distances of a tile from its Gram tile, exact to PAIR_RTOL (module docstring).
 
     Args:
-        T: Gram tile P[rows] P[cols]ᵀ (b, c); sq: ‖p_i‖² (K,); points: the rows recomputed
-        pairs are differenced from (K, d), e.g. the uncentred means; slack: γ of the
-        rounding bound γ(‖p_i‖ + ‖p_j‖)² <= 2γ(‖p_i‖² + ‖p_j‖²).
+        T: Gram tile P[rows] P[cols]ᵀ (b, c); sq: ‖p_i‖² (K,); slack: γ of the rounding
+        bound γ(‖p_i‖ + ‖p_j‖)² <= 2γ(‖p_i‖² + ‖p_j‖²); exact(i, j): the squared distances of
+        the pairs (i, j) (index tensors into 0..K-1) computed without cancellation.
     Returns:
         (D (b, c), number of recomputed pairs). Diagonal entries (i = j) are left as computed.
     """
@@ -179,9 +183,22 @@ def certified_sq_dist(T: torch.Tensor, sq: torch.Tensor, points: torch.Tensor, t
     tile.set_diagonal(unsure, False)
     bi, bj = unsure.nonzero(as_tuple=True)
     if len(bi):
-        diff = points[bi + rows.start] - points[bj + cols.start]
-        D[bi, bj] = diff.square().sum(-1)
+        D[bi, bj] = exact(bi + rows.start, bj + cols.start)
     return D, len(bi)
+
+
+def mean_differences(M: torch.Tensor):
+    """exact(i, j) of :func:`certified_sq_dist` for the class means: ‖μ_i - μ_j‖² from the
+    uncentred means (the difference is exact to rounding of its own size)."""
+    return lambda i, j: (M[i] - M[j]).square().sum(-1)
+
+
+def unit_differences(unit: torch.Tensor):
+    """exact(i, j) for the normalised centred means m̂ (K, d): ‖m̂_i - m̂_j‖² from their
+    difference, accurate to rounding relative to 1. Closer accuracy is not in float64's
+    reach: the direction of μ̃_i = μ_i - μ_G is known to about u from the rounded centring,
+    so the distance of two directions θ apart has a relative condition number ~ 1/θ."""
+    return lambda i, j: (unit[i] - unit[j]).square().sum(-1)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -253,6 +270,7 @@ def _symmetric_pass(key, A, kind, b, angles, means_of=None) -> dict:
     inv_norms = 1.0 / norms
     angle_acc = _Angles(K)
     means = _MeansPass(K, options, torch.zeros(K, dtype=torch.float64, device=A.device)) if A is Mc else None
+    unit = None if means is None else Mc / norms[:, None]  # the normalised centred means m̂
     frames = None
     for i in range(0, K, b):
         tile = Tile(slice(i, min(i + b, K)), slice(i, K), upper=True)
@@ -267,7 +285,7 @@ def _symmetric_pass(key, A, kind, b, angles, means_of=None) -> dict:
         cos.mul_(inv_norms[None, tile.cols])
         angle_acc.add(cos, tile)
         if means is not None:
-            _add_means_tile(means, T, cos, tile, Mc, M, norms, class_var)
+            _add_means_tile(means, T, cos, tile, Mc, M, norms, unit, class_var)
     if key == "nc2w":
         return {"nc2w_etf": frames["etf"].value, "nc2w_of": frames["of"].value,
                 "equiangular_weights": angle_acc.cosines.std, "maxangle_weights": angle_acc.maxangle}
@@ -298,10 +316,10 @@ class _Angles:
         return self.maxangle_sum / (self.K * (self.K - 1))
 
 
-def _add_means_tile(acc: _MeansPass, T, cos, tile: Tile, Mc, M, norms, class_var) -> None:
+def _add_means_tile(acc: _MeansPass, T, cos, tile: Tile, Mc, M, norms, unit, class_var) -> None:
     """CDNV and hyperspherical-uniformity sums of one tile of G̃ (module docstring)."""
     d = Mc.shape[1]
-    D, n_re = certified_sq_dist(T, norms.square(), M, tile, _gamma(d + 4))
+    D, n_re = certified_sq_dist(T, norms.square(), tile, _gamma(d + 4), mean_differences(M))
     terms = class_var[tile.rows, None] + class_var[None, tile.cols]
     q = acc.options.cdnv_exponent
     if q != 2.0:
@@ -312,8 +330,7 @@ def _add_means_tile(acc: _MeansPass, T, cos, tile: Tile, Mc, M, norms, class_var
     tile.set_diagonal(terms, 0.0)
     _add_rows(acc.cdnv_rows, terms, tile)
     # unit vectors m̂ = μ̃/‖μ̃‖: ‖m̂_i - m̂_j‖² = 2 - 2 cos_ij, certified like D
-    unit = Mc / norms[:, None]
-    U2, n_re_u = certified_sq_dist(cos, torch.ones_like(norms), unit, tile, _gamma(2 * d + 10))
+    U2, n_re_u = certified_sq_dist(cos, torch.ones_like(norms), tile, _gamma(2 * d + 10), unit_differences(unit))
     tile.set_diagonal(U2, 1.0)  # log 1 = 0; 1^(-s/2) = 1 (taken off below)
     acc.log_energy += -0.5 * tile.total(torch.log(U2))
     acc.riesz_energy += tile.total(U2.pow_(-acc.options.riesz_s / 2)) - len(tile.diag[0])
