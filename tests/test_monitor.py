@@ -246,3 +246,19 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert set(r0[level]) == set(one[level])
         for k, v in one[level].items():
             assert r0[level][k] == pytest.approx(v, rel=1e-9, abs=1e-12), (level, k)
+
+
+def test_an_in_place_op_after_a_hooked_layer_does_not_change_its_features():
+    """Sequential(Linear, ReLU(inplace=True), Linear): layer "0" is measured before the ReLU."""
+    import numpy as np
+
+    import nclab
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True), torch.nn.Linear(6, 3))
+    x, y = torch.randn(60, 4), torch.arange(60) % 3
+    got = nclab.CollapseMonitor(model, ["0"], num_classes=3).measure([(x, y)])
+    with torch.no_grad():
+        pre_relu = model[0](x)
+    assert got["0"]["nc1_trace"] == pytest.approx(nclab.measure(pre_relu, y)["nc1_trace"], rel=1e-12)
+    assert np.isfinite(got["0"]["nc1"])

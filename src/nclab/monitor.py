@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from nclab._validate import DegenerateError, max_abs
-from nclab.metrics import power_of_two_exponent, times_power_of_two
+from nclab.metrics import metric_keys, power_of_two_exponent, times_power_of_two
 from nclab.stats import ClassStats, NC4Counter
 
 PENULTIMATE = "penultimate"
@@ -51,17 +51,18 @@ PENULTIMATE = "penultimate"
 # ---------------------------------------------------------------------- features
 def pooled(out: torch.Tensor) -> torch.Tensor:
     """Feature vectors (B, d) of a module output (B, ...): GAP over the spatial dims of a
-    4-D output (B, C, H, W) -> (B, C), else flattened; half precision becomes float32."""
+    4-D output (B, C, H, W) -> (B, C), else flattened; half precision becomes float32.
+    Always a copy: a later in-place op (``ReLU(inplace=True)``) must not change what was seen."""
     out = out.detach()
     if out.dtype not in (torch.float32, torch.float64):
-        out = out.float()
-    return out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)
+        return out.float().mean(dim=(2, 3)) if out.ndim == 4 else out.float().flatten(1)
+    return out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1).clone()
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    """The classifier input (B, ...) as (B, d), half precision as float32."""
+    """The classifier input (B, ...) as (B, d), half precision as float32; a copy (see :func:`pooled`)."""
     x = x.detach()
-    return (x if x.dtype in (torch.float32, torch.float64) else x.float()).flatten(1)
+    return x.flatten(1).clone() if x.dtype in (torch.float32, torch.float64) else x.float().flatten(1)
 
 
 @contextlib.contextmanager
@@ -169,20 +170,13 @@ def resolve_classifier(model: nn.Module, classifier, num_classes: int) -> nn.Mod
 
 # ---------------------------------------------------------------------- statistics
 @functools.lru_cache(maxsize=None)
-def _metric_names(num_classes: int, full: bool, with_weights: bool) -> tuple[str, ...]:
-    """The keys ``ClassStats.metrics`` returns for a non-degenerate level (K classes)."""
-    K = num_classes
-    s = ClassStats(K, K, full=full).update(torch.cat([torch.eye(K), 2 * torch.eye(K)]), torch.arange(K).repeat(2))
-    return tuple(s.metrics(torch.eye(K, dtype=torch.float64) if with_weights else None))
-
-
 def level_metrics(stats: ClassStats, W) -> tuple[dict[str, float], bool]:
     """(``stats.metrics(W)``, False), or (NaN for each of its keys, True) when the level is
     degenerate (class means coincide, zero weights)."""
     try:
         return stats.metrics(W), False
     except DegenerateError:
-        return {k: math.nan for k in _metric_names(stats.num_classes, stats.full, W is not None)}, True
+        return {k: math.nan for k in metric_keys(stats.full, W is not None)}, True
 
 
 def nearest_mean(H: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
