@@ -109,12 +109,15 @@ def test_per_class_csv(feature_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--classes", "0", "9"], "classes: the labels must be distinct and lie in 0..3"),
+    (["--classes", "0", "9"], "--classes: the labels must be distinct and lie in 0..3"),
     (["--classes", "0", "1", "--top-classes", "2"], "--classes: give --classes or --top-classes, not both"),
     (["--top-classes", "1"], "classes: the number of most frequent classes must lie in 2..4"),
-    (["--nc4-rows", "0"], "nc4_rows: expected a positive integer"),
-    (["--cdnv-exponent", "-1"], "cdnv_exponent: expected a positive finite number"),
-    (["--tile-memory", "0"], "--tile-memory: expected GiB >= 0.001"),
+    (["--nc4-rows", "0"], "--nc4-rows: expected a positive integer"),
+    (["--cdnv-exponent", "-1"], "--cdnv-exponent: expected a positive finite number"),
+    (["--riesz-s", "0"], "--riesz-s: expected a positive finite number"),
+    (["--tile-memory", "0"], "--tile-memory: expected GiB between 0.001 and 1048576"),
+    (["--tile-memory", "1e300"], "--tile-memory: expected GiB between 0.001 and 1048576"),
+    (["--top-classes", "9"], "--top-classes: the number of most frequent classes must lie in 2..4"),
     (["--per-class", "x.txt"], "--per-class: give a path ending in .csv"),
 ])
 def test_bad_options_are_one_line_errors(feature_file, capsys, extra, message):
@@ -122,3 +125,18 @@ def test_bad_options_are_one_line_errors(feature_file, capsys, extra, message):
     assert main(["measure", str(path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_per_class_csv_of_a_subset(feature_file, tmp_path):
+    import csv
+
+    import nclab
+
+    path, _ = feature_file
+    out = tmp_path / "sub.csv"
+    assert main(["measure", str(path), "--classes", "3", "1", "--per-class", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["class"]) for r in rows] == [3, 1]
+    with np.load(path) as z:
+        want = nclab.per_class(z["features"], z["labels"], z["weights"], z["bias"], classes=[3, 1])
+    assert [float(r["mean_norm"]) for r in rows] == pytest.approx(list(want["mean_norm"]), rel=1e-15)

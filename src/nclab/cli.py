@@ -7,6 +7,7 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import sys
@@ -156,10 +157,11 @@ def _cmd_measure(args):
     options = dict(cdnv_exponent=args.cdnv_exponent, riesz_s=args.riesz_s,
                    tile_memory=_tile_bytes(args.tile_memory))
     classes = args.classes if args.classes is not None else args.top_classes
-    result = measure(data["features"], data["labels"], data.get("weights"), data.get("bias"),
-                     preset=args.preset, classes=classes, nc4_rows=args.nc4_rows, **options)
-    if args.per_class is not None:
-        _write_per_class(args.per_class, data, options["tile_memory"])
+    with _flag_names(top=args.top_classes is not None):
+        result = measure(data["features"], data["labels"], data.get("weights"), data.get("bias"),
+                         preset=args.preset, classes=classes, nc4_rows=args.nc4_rows, **options)
+        if args.per_class is not None:
+            _write_per_class(args.per_class, data, options["tile_memory"], classes)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -175,11 +177,25 @@ def _cmd_measure(args):
         print(f"wrote {args.per_class}")
 
 
+@contextlib.contextmanager
+def _flag_names(top: bool):
+    """Errors of nclab.measure's keyword arguments under the names of measure's flags."""
+    flags = {"classes": "--top-classes" if top else "--classes", "nc4_rows": "--nc4-rows",
+             "riesz_s": "--riesz-s", "cdnv_exponent": "--cdnv-exponent"}
+    try:
+        yield
+    except ValueError as exc:
+        name, sep, rest = str(exc).partition(": ")
+        if sep and name in flags:
+            raise ValueError(f"{flags[name]}: {rest}") from None
+        raise
+
+
 def _tile_bytes(gib: float) -> int:
     import math
 
-    if not math.isfinite(gib) or gib < 2**-10:
-        raise ValueError(f"--tile-memory: expected GiB >= 0.001, got {gib}")
+    if not math.isfinite(gib) or not 2**-10 <= gib <= 2**20:
+        raise ValueError(f"--tile-memory: expected GiB between 0.001 and 1048576, got {gib}")
     return int(gib * 2**30)
 
 
@@ -195,14 +211,23 @@ def _check_new_csv(path: str) -> None:
         raise ValueError(f"--per-class: the folder of {path} does not exist; create it first")
 
 
-def _write_per_class(path: str, data: dict, tile_memory: int) -> None:
+def _write_per_class(path: str, data: dict, tile_memory: int, classes) -> None:
     from nclab.io import atomic_path, csv_text
     from nclab.metrics import per_class
 
     table = per_class(data["features"], data["labels"], data.get("weights"), data.get("bias"),
-                      tile_memory=tile_memory)
+                      tile_memory=tile_memory, classes=classes)
+    labels = list(range(len(table["count"])))
+    if classes is not None:  # the subset's own labels, in its order
+        import numpy as np
+        import torch
+
+        from nclab.metrics import class_subset
+
+        counts = torch.bincount(torch.as_tensor(np.asarray(data["labels"])).long().flatten())
+        labels = class_subset(counts, classes).tolist()
     columns = ["class", *table]
-    rows = [{"class": k, **{c: float(v[k]) for c, v in table.items()}} for k in range(len(table["count"]))]
+    rows = [{"class": label, **{c: float(v[k]) for c, v in table.items()}} for k, label in enumerate(labels)]
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(csv_text(rows, columns))
