@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import functools
 import itertools
 import math
 import numbers
@@ -169,7 +168,6 @@ def resolve_classifier(model: nn.Module, classifier, num_classes: int) -> nn.Mod
 
 
 # ---------------------------------------------------------------------- statistics
-@functools.lru_cache(maxsize=None)
 def level_metrics(stats: ClassStats, W) -> tuple[dict[str, float], bool]:
     """(``stats.metrics(W)``, False), or (NaN for each of its keys, True) when the level is
     degenerate (class means coincide, zero weights)."""
