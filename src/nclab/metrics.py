@@ -77,7 +77,7 @@ from nclab._validate import (
 )
 from nclab.frames import orthogonal_frame, simplex_etf
 from nclab.tiles import (
-    BYTES_PER_TILE_ENTRY, DEFAULT_TILE_MEMORY, PairOptions, frame_distance, pair_metrics, tile_rows,
+    BYTES_PER_TILE_ENTRY, DEFAULT_TILE_MEMORY, PairOptions, cdnv_rows, frame_distance, pair_metrics, tile_rows,
 )
 
 #: relative eigenvalue cut-off of the centred-mean Gram (see the module docstring)
@@ -807,10 +807,10 @@ def per_class(features, labels, weights=None, bias=None, num_classes: int | None
     Mc = centre(M)
     U, inv_lam = between_class_basis_t(Mc, rtol)
     within = within_class_pass_t(H, y, M, U, W, b, inv_lam=inv_lam)
-    pairs = pair_metrics(M, within.class_var, None, options)
     mean_norm = Mc.norm(dim=-1)
     out = {"count": counts, "variance": times_power_of_two(within.class_var, 2 * e),
-           "nc1_share": within.nc1_class / within.nc1_class.sum(), "cdnv_row": pairs["cdnv_row"],
+           "nc1_share": within.nc1_class / within.nc1_class.sum(),
+           "cdnv_row": cdnv_rows(M, within.class_var, options),
            "mean_norm": times_power_of_two(mean_norm, e)}
     if W is not None:
         w = W.norm(dim=-1)

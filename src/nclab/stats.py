@@ -32,7 +32,7 @@ from nclab.metrics import (
     nc4_rows_t, pair_options, power_of_two_exponent, scaled_bias, summary_metrics_t, times_power_of_two,
     unscale_cdnv_q,
 )
-from nclab.tiles import DEFAULT_TILE_MEMORY, pair_metrics
+from nclab.tiles import DEFAULT_TILE_MEMORY, cdnv_rows
 
 #: ClassStats accepts float64 batches whose largest |entry| a has 2^-MOMENT_EXP <= a <=
 #: 2^MOMENT_EXP (or a = 0): then every square, and every sum of up to 2^100 of them, is a
@@ -104,6 +104,7 @@ class ClassStats:
         scatter = D.T @ D if self.full else None
         self._merge(counts, means, m2, scatter, rows=present)
         return self
+
     def merge(self, other: "ClassStats") -> "ClassStats":
         """Fold another accumulator (same K, d) into this one, exactly (Chan et al.)."""
         if not isinstance(other, ClassStats):
@@ -212,7 +213,7 @@ class ClassStats:
         mean_norm = Mc.norm(dim=-1)
         spread = self.counts * class_var
         out = {"count": self.counts, "variance": times_power_of_two(class_var, 2 * e),
-               "variance_share": spread / spread.sum(), "cdnv_row": pair_metrics(M, class_var, None, options)["cdnv_row"],
+               "variance_share": spread / spread.sum(), "cdnv_row": cdnv_rows(M, class_var, options),
                "mean_norm": times_power_of_two(mean_norm, e)}
         if W is not None:
             w = W.norm(dim=-1)

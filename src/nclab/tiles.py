@@ -34,7 +34,7 @@ Exactness (docs/metrics.md, "Exact at any K"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -222,8 +222,6 @@ class _MeansPass:
     cdnv_q_sum: float = 0.0
     log_energy: float = 0.0
     riesz_energy: float = 0.0
-    maxangle: float = 0.0
-    cosines: Spread = field(default_factory=Spread)
     recomputed: int = 0
 
 
@@ -251,6 +249,15 @@ def pair_metrics(M: torch.Tensor, class_var: torch.Tensor, W: torch.Tensor | Non
     if W is not None:
         out |= _duality_pass(W, Mc, M, b)
     return out
+
+
+def cdnv_rows(M: torch.Tensor, class_var: torch.Tensor, options: PairOptions | None = None) -> torch.Tensor:
+    """Each class's mean CDNV term over the other classes (K,): the ``cdnv_row`` of
+    :func:`pair_metrics` from the one pass over the centred-mean Gram it needs."""
+    options = options or PairOptions()
+    Mc = M - M.mean(0, keepdim=True)
+    b = tile_rows(M.shape[0], options.memory)
+    return _symmetric_pass("nc2_etf", Mc, "etf", b, True, (Mc, M, class_var, options))["cdnv_row"]
 
 
 def frame_distance(A: torch.Tensor, kind: str, memory: int = DEFAULT_TILE_MEMORY) -> float:
