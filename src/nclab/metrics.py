@@ -362,6 +362,20 @@ def alignment_t(W: torch.Tensor, M: torch.Tensor):
     return (Wn - Mn).flatten(-2).norm(dim=-1)
 
 
+def nearest_mean_t(M: torch.Tensor, HMt: torch.Tensor) -> torch.Tensor:
+    """The nearest class mean of each sample, argmin_k ‖h - μ_k‖² = argmin_k ‖μ_k‖² - 2 μ_kᵀh,
+    from the means M (..., K, d) and the products HMt = H Mᵀ (..., N, K): indices (..., N)."""
+    return (M.square().sum(-1)[..., None, :] - 2 * HMt).argmin(-1)
+
+
+def nc4_rows_chunked_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
+                       e: int = 0) -> torch.Tensor:
+    """:func:`nc4_rows_t` of H·2^-e (N, d) for any N and K: float64 row chunks whose 2K
+    scores per row stay near CHUNK_BYTES. Returns (N,) booleans."""
+    return torch.cat([nc4_rows_t(times_power_of_two(Hs, -e), M, W, b)
+                      for _, Hs in _float64_chunks(H, width=2 * M.shape[-2])])
+
+
 def nc4_rows_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None):
     """Per sample (..., N): whether the nearest class mean ≠ argmax(W h + b).
 
@@ -370,7 +384,7 @@ def nc4_rows_t(H: torch.Tensor, M: torch.Tensor, W: torch.Tensor, b: torch.Tenso
     """
     K = M.shape[-2]
     scores = H @ torch.cat([M, W], dim=-2).mT
-    ncc = (M.square().sum(-1)[..., None, :] - 2 * scores[..., :K]).argmin(-1)
+    ncc = nearest_mean_t(M, scores[..., :K])
     logits = scores[..., K:]
     if b is not None:
         logits = logits + b[..., None, :]
@@ -688,7 +702,8 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
     unscale_cdnv_q(raw, options, e)
     if sample and W is not None:
         rows = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(0))[:nc4_rows].to(H.device)
-        raw["nc4"], raw["nc4_rows"] = nc4_sample_t(H[rows], means[0], W, b), float(nc4_rows)
+        raw["nc4"] = nc4_rows_chunked_t(H[rows], means[0], W, b).to(torch.float64).mean()
+        raw["nc4_rows"] = float(nc4_rows)
     if preset == "papyan2020":
         raw = _papyan2020(raw, K)
     elif preset == "zhu2021":
@@ -696,14 +711,6 @@ def measure(features, labels, weights=None, bias=None, preset: str | None = None
                 "nc3_duality_etf": "nc3", "nc4": "nc4", "nc4_rows": "nc4_rows"}
         raw = {new: raw[old] for old, new in keep.items() if old in raw}
     return finite_values(raw)
-
-
-def nc4_sample_t(H, M, W, b) -> torch.Tensor:
-    """NC4 of the rows H (n, d), chunk by chunk (scores of 2K columns per chunk)."""
-    wrong = 0
-    for rows, Hs in _float64_chunks(H, width=2 * M.shape[0]):
-        wrong += int(nc4_rows_t(Hs, M, W, b).sum())
-    return torch.tensor(wrong / H.shape[0], dtype=torch.float64)
 
 
 def pair_options(cdnv_exponent=2.0, riesz_s=1.0, tile_memory=DEFAULT_TILE_MEMORY) -> PairOptions:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from nclab._validate import DegenerateError, max_abs
-from nclab.metrics import metric_keys, power_of_two_exponent, times_power_of_two
+from nclab.metrics import metric_keys, nearest_mean_t, power_of_two_exponent, times_power_of_two
 from nclab.stats import ClassStats, NC4Counter
 
 PENULTIMATE = "penultimate"
@@ -183,7 +183,7 @@ def nearest_mean(H: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     finite (like :class:`nclab.stats.NC4Counter`)."""
     e = power_of_two_exponent(max(max_abs(H), max_abs(M)))
     H, M = times_power_of_two(H.to(torch.float64), -e), times_power_of_two(M.to(torch.float64), -e)
-    return (M.square().sum(1) - 2 * H @ M.T).argmin(1)
+    return nearest_mean_t(M, H @ M.T)
 
 
 class LevelStats:

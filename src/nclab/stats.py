@@ -28,8 +28,8 @@ from nclab._validate import (
     _INT_DTYPES, all_finite, as_float64, as_real, check_classifier, check_fits, check_rtol, max_abs, to_tensor,
 )
 from nclab.metrics import (
-    RTOL, _float64_chunks, between_class_basis_t, centre, check_memory, class_subset, finite_values, nc1_t,
-    nc4_rows_t, pair_options, power_of_two_exponent, scaled_bias, summary_metrics_t, times_power_of_two,
+    RTOL, between_class_basis_t, centre, check_memory, class_subset, finite_values, nc1_t,
+    nc4_rows_chunked_t, pair_options, power_of_two_exponent, scaled_bias, summary_metrics_t, times_power_of_two,
     unscale_cdnv_q,
 )
 from nclab.tiles import DEFAULT_TILE_MEMORY, cdnv_rows
@@ -87,12 +87,7 @@ class ClassStats:
             raise ValueError(f"features: expected {self.dim} columns, got {H.shape[1]}")
         _check_moment_range(H)
         H = H.to(torch.float64)
-        y = to_tensor(labels, "labels", device=H.device)
-        if y.dtype not in _INT_DTYPES or y.ndim != 1 or y.shape[0] != H.shape[0]:
-            raise ValueError(f"labels: expected integer shape ({H.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        y = y.long()
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels: values must lie in 0..{self.num_classes - 1}")
+        y = batch_labels(labels, H.shape[0], self.num_classes, H.device)
         if self.counts.is_inference() and not torch.is_inference_mode_enabled():
             self._own_tensors()  # made under torch.inference_mode: in-place updates need normal tensors
         present, local = torch.unique(y, return_inverse=True)  # the batch's classes, relabelled 0..u-1
@@ -245,6 +240,17 @@ class ClassStats:
         return M, times_power_of_two(self.m2 / self.counts, -2 * e), W, e
 
 
+def batch_labels(labels, n: int, K: int, device) -> torch.Tensor:
+    """The labels of a batch of n samples as int64 (n,) in 0..K-1 on ``device``, or a ValueError naming them."""
+    y = to_tensor(labels, "labels", device=device)
+    if y.dtype not in _INT_DTYPES or y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels: expected integer shape ({n},), got {y.dtype} {tuple(y.shape)}")
+    y = y.long()
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= K):
+        raise ValueError(f"labels: values must lie in 0..{K - 1}")
+    return y
+
+
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -297,24 +303,17 @@ class NC4Counter:
         K, d = self.means.shape
         if H.shape[1] != d:
             raise ValueError(f"features: expected {d} columns (the means' d), got {H.shape[1]}")
-        y = None
-        if labels is not None:
-            y = to_tensor(labels, "labels", device=H.device)
-            if y.dtype not in _INT_DTYPES or y.shape != (H.shape[0],) or (
-                    len(y) and (int(y.min()) < 0 or int(y.max()) >= K)):
-                raise ValueError(f"labels: expected ({H.shape[0]},) integers in 0..{K - 1}")
-            y = y.long()
+        y = None if labels is None else batch_labels(labels, H.shape[0], K, H.device)
         a = max_abs(H)
         if not math.isfinite(a):
             raise ValueError("features: contains NaN or Inf; remove or fix those entries first")
         e = power_of_two_exponent(max(a, self.means_max))
         M, b = times_power_of_two(self.means, -e), scaled_bias(self.b, e)
-        for rows, Hs in _float64_chunks(H, width=2 * K):
-            wrong = nc4_rows_t(times_power_of_two(Hs, -e), M, self.W, b)
-            self.mismatches += wrong.sum()
-            if y is not None:
-                self.class_errors.index_add_(0, y[rows], wrong.to(torch.float64))
-                self.class_seen.index_add_(0, y[rows], torch.ones_like(y[rows], dtype=torch.float64))
+        wrong = nc4_rows_chunked_t(H, M, self.W, b, e).to(torch.float64)
+        self.mismatches += wrong.sum()
+        if y is not None:
+            self.class_errors.index_add_(0, y, wrong)
+            self.class_seen.index_add_(0, y, torch.ones_like(wrong))
         self.seen += H.shape[0]
         return self
 
